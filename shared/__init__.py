@@ -1,0 +1,1 @@
+"""Code both the API and the workers rely on: settings, job schema, names, events, sampling, tokenizer."""

@@ -1,0 +1,75 @@
+"""Service settings: one frozen dataclass, read from the environment once at start-up."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from shared.exceptions import ConfigurationError
+
+BACKENDS = ("gpu", "cpu")
+"""Worker pools, which are also the RQ queue names."""
+
+BACKEND_MODES = (*BACKENDS, "auto")
+"""What `BACKEND_MODE` and a request's `backend` field may say."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything configurable, with production defaults; environment variables override by name."""
+
+    port: int = 8080
+    redis_url: str = "redis://localhost:6379/0"
+    backend_mode: str = "auto"
+    model_dir: str = "weights"
+    worker_device: str = "cuda"
+    torch_threads: int = 0  # 0: one per core
+    max_batch_size: int = 32
+    max_tokens_in_flight: int = 32768
+    max_seq_len: int = 2048
+    prefill_chunk: int = 256
+    default_max_tokens: int = 32
+    max_new_tokens_limit: int = 4096
+    backlog_ttl_s: int = 600
+    job_timeout_s: int = 600
+    keepalive_s: float = 5.0
+    worker_ttl_s: int = 60
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:
+        """Defaults, then `UPPER_CASE` environment variables, then keyword overrides."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for field in fields(cls):
+            raw = environ.get(field.name.upper())
+            if raw is None or raw == "":
+                continue
+            kind = type(field.default)
+            try:
+                values[field.name] = kind(raw)
+            except ValueError as exc:
+                raise ConfigurationError(f"{field.name.upper()}={raw!r} is not a valid {kind.__name__}") from exc
+        settings = replace(cls(**values), **overrides)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Refuse settings that cannot work, naming the variable."""
+        if self.backend_mode not in BACKEND_MODES:
+            raise ConfigurationError(f"BACKEND_MODE must be one of {', '.join(BACKEND_MODES)}, not {self.backend_mode!r}")
+        if self.worker_device not in ("cuda", "cpu"):
+            raise ConfigurationError(f"WORKER_DEVICE must be 'cuda' or 'cpu', not {self.worker_device!r}")
+        for name in ("max_batch_size", "max_seq_len", "prefill_chunk", "max_tokens_in_flight"):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"{name.upper()} must be at least 1")
+
+    @property
+    def model_path(self) -> Path:
+        """The prepared weights folder (fp weights, config, tokenizer)."""
+        return Path(self.model_dir)
+
+    @property
+    def int8_path(self) -> Path:
+        """The INT8 weights made from `model_path` by the prepare command."""
+        return self.model_path / "int8"

@@ -1,0 +1,1 @@
+"""Inference workers: RQ worker classes and the decoders they run."""

@@ -1,0 +1,1 @@
+"""The CPU pool: an INT8 decoder and its RQ worker."""

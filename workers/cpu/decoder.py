@@ -1,0 +1,25 @@
+"""INT8 decoder for CPU workers: fbgemm INT8 linears (LM head included), fp32 everything else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shared.model_files import read_config
+from workers.engine.decoder import Decoder
+from workers.engine.int8 import Int8Linear, pack_all
+from workers.engine.llama import LlamaConfig, build_model
+from workers.engine.weights import fuse_projections, load_state_dict
+
+
+class INT8Decoder(Decoder):
+    """The CPU pool's decoder. Load with `load_quantized_weights(settings.int8_path)`."""
+
+    def load_quantized_weights(self, folder: Path | str) -> INT8Decoder:
+        """Load the INT8 weights and scales made by `python -m workers.prepare_weights`."""
+        config = LlamaConfig.from_dict(read_config(folder))
+        state = load_state_dict(folder)
+        state = fuse_projections(fuse_projections(state, "weight_int8"), "weight_scale")
+        model = build_model(config, state, linear_factory=Int8Linear.like)
+        pack_all(model)
+        self._attach(model)
+        return self

@@ -1,0 +1,61 @@
+"""The decoder interface both pools implement: load weights once, then prefill and decode batches.
+
+A decoder owns a model and a KV cache of `max_batch_size` slots. The scheduler keeps running sequences
+in slots 0..B-1: `decode` advances all of them by one token in one forward pass, `prefill` feeds a chunk
+of one sequence's prompt into its slot, and `move_slot` compacts the cache when a sequence leaves.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from workers.engine.kv_cache import KVCache
+from workers.engine.llama import LlamaConfig, LlamaModel
+
+
+class Decoder:
+    """Batched inference over a slot KV cache. Subclasses load weights and choose device and dtype."""
+
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    static_cache = False
+
+    def __init__(self, *, max_batch_size: int = 32, max_seq_len: int = 2048, threads: int = 0):
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.model: LlamaModel | None = None
+        self.cache: KVCache | None = None
+
+    @property
+    def config(self) -> LlamaConfig:
+        """The loaded model's shape."""
+        assert self.model is not None, "load weights first"
+        return self.model.config
+
+    def _attach(self, model: LlamaModel) -> None:
+        self.model = model
+        config = model.config
+        self.max_seq_len = min(self.max_seq_len, config.max_position_embeddings)
+        self.cache = KVCache(
+            num_layers=config.num_layers, max_slots=self.max_batch_size, num_kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim, max_len=self.max_seq_len, dtype=self.dtype, device=self.device,
+            static=self.static_cache,
+        )
+
+    def _tokens(self, rows: list[list[int]]) -> torch.Tensor:
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    def prefill(self, slot: int, tokens: list[int], start: int = 0) -> torch.Tensor:
+        """Feed prompt tokens at positions `start..` of `slot`; logits `[vocab]` after the last one."""
+        return self.model(self._tokens([tokens]), self.cache, slice(slot, slot + 1), [start])[0]
+
+    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """One step for the sequences in slots 0..B-1: token b goes at `positions[b]`; logits `[B, vocab]`."""
+        batch = len(tokens)
+        return self.model(self._tokens([[t] for t in tokens]), self.cache, slice(0, batch), positions)
+
+    def move_slot(self, source: int, target: int, length: int) -> None:
+        """Move a sequence's cache to another slot (compaction after a sequence leaves)."""
+        self.cache.copy_slot(source, target, length)

@@ -1,0 +1,169 @@
+"""The continuous-batching loop: admit, prefill a chunk, decode every running sequence, retire.
+
+A step is three parts, as in nano-vllm: schedule (admit waiting sequences into free slots), run (one
+prefill chunk for the sequence being admitted, then one decode step for all running ones) and postprocess
+(sample, detokenise, check stops, retire finished sequences and compact the cache). Running sequences
+sit in slots 0..B-1; the sequence being prefilled sits in slot B.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+from tokenizers import Tokenizer
+
+from workers.engine.decoder import Decoder
+from workers.engine.sampler import sample
+from workers.engine.sequence import FinishReason, Sequence, Update
+
+
+class Engine:
+    """Runs many sequences at once on one decoder."""
+
+    def __init__(self, decoder: Decoder, tokenizer: Tokenizer, eos_token_ids: Iterable[int], *,
+                 prefill_chunk: int = 256, max_tokens_in_flight: int | None = None):
+        self.decoder = decoder
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.prefill_chunk = prefill_chunk
+        self.max_tokens_in_flight = max_tokens_in_flight or decoder.max_batch_size * decoder.max_seq_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.prefilling: Sequence | None = None
+
+    # -- admission -----------------------------------------------------------------------------------
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Raise ValueError for a request that could never run on this decoder."""
+        if prompt_tokens + max_tokens > self.decoder.max_seq_len:
+            raise ValueError(f"prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the "
+                             f"context of {self.decoder.max_seq_len} tokens")
+        if prompt_tokens + max_tokens > self.max_tokens_in_flight:
+            raise ValueError(f"request needs {prompt_tokens + max_tokens} KV positions, more than the "
+                             f"{self.max_tokens_in_flight} this worker holds")
+
+    @property
+    def active(self) -> list[Sequence]:
+        """Sequences holding a slot: running ones, then the one being prefilled."""
+        return self.running + ([self.prefilling] if self.prefilling else [])
+
+    def tokens_in_flight(self) -> int:
+        """KV positions reserved by admitted and waiting sequences."""
+        return sum(s.reserved_tokens for s in (*self.active, *self.waiting))
+
+    def has_room_for(self, reserved_tokens: int) -> bool:
+        """Whether one more sequence of that size can wait here without exceeding the slot or token limits."""
+        sequences = len(self.active) + len(self.waiting)
+        return (sequences < self.decoder.max_batch_size
+                and self.tokens_in_flight() + reserved_tokens <= self.max_tokens_in_flight)
+
+    def add(self, sequence: Sequence) -> None:
+        """Queue a sequence; it is admitted at a following step."""
+        self.check_fits(len(sequence.prompt_ids), sequence.params.max_tokens)
+        self.waiting.append(sequence)
+
+    def cancel(self, sequence_id: str) -> bool:
+        """Ask a sequence to stop; it ends as cancelled at the next step. Returns whether it was found."""
+        for sequence in (*self.active, *self.waiting):
+            if sequence.id == sequence_id:
+                sequence.cancel_requested = True
+                return True
+        return False
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.prefilling)
+
+    # -- the step ------------------------------------------------------------------------------------
+
+    def step(self) -> list[Update]:
+        """Advance every sequence by at most one token; return what happened to each."""
+        updates = self._retire_cancelled()
+        if self.prefilling is None and self.waiting and len(self.running) < self.decoder.max_batch_size:
+            self.prefilling = self.waiting.popleft()
+            self.prefilling.slot = len(self.running)
+        if self.prefilling is not None:
+            updates.extend(self._prefill_chunk())
+            self._retire_finished()
+        if self.running:
+            updates.extend(self._decode())
+            self._retire_finished()
+        return updates
+
+    def _prefill_chunk(self) -> list[Update]:
+        sequence = self.prefilling
+        chunk = sequence.prompt_ids[sequence.prefilled: sequence.prefilled + self.prefill_chunk]
+        logits = self.decoder.prefill(sequence.slot, chunk, start=sequence.prefilled)
+        sequence.prefilled += len(chunk)
+        if sequence.prefilled < len(sequence.prompt_ids):
+            return []
+        self.prefilling = None
+        self.running.append(sequence)
+        return [self._accept(sequence, sample(logits[None], [sequence.sampling])[0])]
+
+    def _decode(self) -> list[Update]:
+        tokens = [s.output_ids[-1] for s in self.running]
+        positions = [s.length - 1 for s in self.running]
+        logits = self.decoder.decode(tokens, positions)
+        next_tokens = sample(logits, [s.sampling for s in self.running])
+        return [self._accept(s, token) for s, token in zip(self.running, next_tokens)]
+
+    def _accept(self, sequence: Sequence, token: int) -> Update:
+        """Record a sampled token: detokenise, look for stops, decide whether the sequence is done."""
+        sequence.output_ids.append(token)
+        sequence.sampling.observe(token)
+        stops = sequence.stop_filter
+        if token in self.eos_token_ids:
+            sequence.finish_reason = FinishReason.EOS
+            text = stops.flush()
+        else:
+            text = stops.push(sequence.detokenizer.add(token))
+            if stops.stopped:
+                sequence.finish_reason = FinishReason.STOP
+            elif len(sequence.output_ids) >= sequence.params.max_tokens or sequence.length >= self.decoder.max_seq_len:
+                sequence.finish_reason = FinishReason.LENGTH
+                text += stops.flush()
+        return Update(sequence, token, text, sequence.finished)
+
+    # -- retiring ------------------------------------------------------------------------------------
+
+    def _retire_cancelled(self) -> list[Update]:
+        updates = []
+        for sequence in [s for s in (*self.active, *self.waiting) if s.cancel_requested and not s.finished]:
+            sequence.finish_reason = FinishReason.CANCELLED
+            updates.append(Update(sequence, None, "", True))
+        if self.prefilling is not None and self.prefilling.finished:
+            self.prefilling = None  # its slot is simply overwritten by the next admission
+        self.waiting = deque(s for s in self.waiting if not s.finished)
+        self._retire_finished()
+        return updates
+
+    def _retire_finished(self) -> None:
+        """Drop finished sequences, moving the last running one into each freed slot."""
+        slot = 0
+        while slot < len(self.running):
+            if not self.running[slot].finished:
+                slot += 1
+                continue
+            last = self.running.pop()
+            if slot < len(self.running):
+                self.decoder.move_slot(len(self.running), slot, last.length - 1)
+                last.slot = slot
+                self.running[slot] = last
+        prefilling = self.prefilling
+        if prefilling is not None and prefilling.slot != len(self.running):
+            # The sequence being prefilled lives just after the running ones; keep it there.
+            self.decoder.move_slot(prefilling.slot, len(self.running), prefilling.prefilled)
+            prefilling.slot = len(self.running)
+
+    # -- convenience ---------------------------------------------------------------------------------
+
+    def run(self, sequences: Iterable[Sequence]) -> list[Sequence]:
+        """Add sequences and step until all of them are finished (tests and benchmarks)."""
+        sequences = list(sequences)
+        for sequence in sequences:
+            self.add(sequence)
+        while any(not s.finished for s in sequences):
+            self.step()
+        return sequences

@@ -1,0 +1,197 @@
+"""A Llama-family decoder-only transformer written for batched serving.
+
+Follows transformers' `LlamaForCausalLM` numerics (fp32 RMSNorm and rotary, SDPA attention) so greedy
+output matches it token for token, but owns its KV cache so that sequences of different lengths share
+one forward pass. q/k/v and gate/up projections are fused (see weights.fuse_projections).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.engine.kv_cache import KVCache
+
+
+@dataclass(frozen=True, slots=True)
+class LlamaConfig:
+    """The shape of the network, read from a Hugging Face config.json."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    raw: dict
+
+    @classmethod
+    def from_dict(cls, config: dict) -> LlamaConfig:
+        """Map a Hugging Face config dict (Llama, Mistral-style fields) onto our names."""
+        heads = config["num_attention_heads"]
+        return cls(
+            vocab_size=config["vocab_size"],
+            hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"],
+            num_layers=config["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=config.get("max_position_embeddings", 2048),
+            tie_word_embeddings=config.get("tie_word_embeddings", False),
+            raw=config,
+        )
+
+
+def rotary_inverse_frequencies(config: LlamaConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and attention scaling; non-default rope types reuse transformers' formulas."""
+    rope = config.raw.get("rope_parameters") or config.raw.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    theta = rope.get("rope_theta", config.raw.get("rope_theta", 10000.0))
+    if rope_type == "default":
+        exponents = torch.arange(0, config.head_dim, 2, dtype=torch.int64).float() / config.head_dim
+        return 1.0 / (theta**exponents), 1.0
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf_config = AutoConfig.for_model(**config.raw)
+    return ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        qkv_rows = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, qkv_rows, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache, slots: slice, positions, length: int):
+        # x: [B, T, hidden]; cos/sin: [B, T, 1, head_dim]; mask: [B, 1, T, length]
+        batch, steps, _ = x.shape
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(batch, steps, self.num_heads, self.head_dim)
+        k = k.view(batch, steps, self.num_kv_heads, self.head_dim)
+        v = v.view(batch, steps, self.num_kv_heads, self.head_dim)
+        dtype = q.dtype
+        q = (q.float() * cos + rotate_half(q.float()) * sin).to(dtype)
+        k = (k.float() * cos + rotate_half(k.float()) * sin).to(dtype)
+        cache.write(self.layer_index, slots, positions, k, v)
+        keys, values = cache.read(self.layer_index, slots, length)  # [B, kv_heads, length, head_dim]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, steps, q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_index)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, cache, slots, positions, length):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, slots, positions, length)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Embeddings, decoder layers, final norm and LM head, with parameter names as in transformers."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, index) for index in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        inverse_frequencies, self.rope_scaling = rotary_inverse_frequencies(config)
+        self.register_buffer("inv_freq", inverse_frequencies, persistent=False)
+
+    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin `[B, T, 1, head_dim]` for integer positions `[B, T]`, in fp32."""
+        freqs = positions[..., None].float() * self.inv_freq.float()
+        angles = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+        return angles.cos() * self.rope_scaling, angles.sin() * self.rope_scaling
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, cache: KVCache, slots: slice, starts: list[int],
+                last_only: bool = True) -> torch.Tensor:
+        """Logits for `tokens` `[B, T]` placed at positions `starts[b]..starts[b]+T-1` of slots `slots`.
+
+        Returns `[B, vocab]` for the last position of each row, or `[B, T, vocab]` with `last_only=False`.
+        """
+        batch, steps = tokens.shape
+        device = tokens.device
+        length = max(starts) + steps
+        cache.reserve(length)
+        positions = torch.tensor(starts, device=device)[:, None] + torch.arange(steps, device=device)
+        cos, sin = self.rotary(positions)
+        mask = (torch.arange(length, device=device)[None, None, :] <= positions[:, :, None])[:, None]
+        x = self.embed_tokens(tokens)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache, slots, positions, length)
+        x = self.norm(x[:, -1] if last_only else x)
+        return self.lm_head(x).float()
+
+
+def build_model(config: LlamaConfig, state: dict[str, torch.Tensor], linear_factory=None) -> LlamaModel:
+    """Build on the meta device, swap in other linear modules if asked, then load weights by assignment."""
+    with torch.device("meta"):
+        model = LlamaModel(config)
+    if linear_factory is not None:
+        replace_linears(model, linear_factory)
+    state = {key.removeprefix("model."): value for key, value in state.items()}
+    if "lm_head.weight" not in state and not any(k.startswith("lm_head.") for k in state):
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model.load_state_dict(state, assign=True, strict=True)
+    model.inv_freq = rotary_inverse_frequencies(config)[0].to(state["embed_tokens.weight"].device)
+    return model.eval()
+
+
+def replace_linears(module: nn.Module, factory) -> None:
+    """Replace every `nn.Linear` in place with `factory(linear)` (which may build on the meta device)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(module, name, factory(child))
+        else:
+            replace_linears(child, factory)

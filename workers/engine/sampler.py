@@ -1,0 +1,72 @@
+"""Per-sequence sampling over a batch of logits: repetition penalty, temperature, top-k, top-p, seed.
+
+Each row keeps its own parameters and its own random generator, so a seeded sequence draws the same
+tokens whatever else shares its batch. Sampling uses the exponential race (`argmax(p / Exp(1))`), which
+draws from `p` with one random vector and no cumulative search (as gpt-fast, nano-vllm and TGI do).
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import torch
+
+from shared.sampling import SamplingParams
+
+
+class SamplingState:
+    """One sequence's parameters, random generator and the tokens the repetition penalty looks at."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: list[int]):
+        self.params = params
+        self.generator = torch.Generator().manual_seed(
+            params.seed if params.seed is not None else secrets.randbits(63))
+        self.seen: set[int] = set(prompt_ids) if params.repetition_penalty != 1.0 else set()
+
+    def observe(self, token: int) -> None:
+        """Remember a generated token for the repetition penalty."""
+        if self.params.repetition_penalty != 1.0:
+            self.seen.add(token)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: set[int], penalty: float) -> None:
+    """transformers' rule, in place: divide positive logits of seen tokens by `penalty`, multiply negative."""
+    if not seen:
+        return
+    ids = torch.tensor(sorted(seen), dtype=torch.long)
+    scores = logits[ids]
+    logits[ids] = torch.where(scores < 0, scores * penalty, scores / penalty)
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask each row `[B, V]` to its `top_k` best tokens (0: all) and then its `top_p` nucleus."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(logits.shape[-1])[None, :]
+    outside_k = (top_k[:, None] > 0) & (ranks >= top_k[:, None])
+    sorted_logits = sorted_logits.masked_fill(outside_k, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    # Remove a token when the tokens ranked above it already cover top_p (the best one always stays).
+    outside_p = (probs.cumsum(dim=-1) - probs) > top_p[:, None]
+    sorted_logits = sorted_logits.masked_fill(outside_p, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[int]:
+    """Next token of each row of `logits` `[B, V]` by that row's sampling state."""
+    logits = logits.float().cpu()
+    for row, state in enumerate(states):
+        apply_repetition_penalty(logits[row], state.seen, state.params.repetition_penalty)
+    tokens = logits.argmax(dim=-1).tolist()
+    sampled = [row for row, state in enumerate(states) if not state.params.greedy]
+    if not sampled:
+        return tokens
+    params = [states[row].params for row in sampled]
+    scaled = logits[sampled] / torch.tensor([p.temperature for p in params])[:, None]
+    if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+        scaled = filter_top_k_top_p(scaled, torch.tensor([p.top_k for p in params]),
+                                    torch.tensor([p.top_p for p in params]))
+    probs = scaled.softmax(dim=-1)
+    for index, row in enumerate(sampled):
+        race = torch.empty_like(probs[index]).exponential_(generator=states[row].generator)
+        tokens[row] = int((probs[index] / race).argmax())
+    return tokens

@@ -1,0 +1,70 @@
+"""One request's state inside the engine: its prompt, what it has generated, and how it will stop."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from tokenizers import Tokenizer
+
+from shared.sampling import SamplingParams
+from workers.engine.detokenizer import IncrementalDetokenizer, StopFilter
+from workers.engine.sampler import SamplingState
+
+
+class FinishReason(str, enum.Enum):
+    """Why a sequence ended."""
+
+    LENGTH = "length"
+    STOP = "stop"
+    EOS = "eos"
+    CANCELLED = "cancelled"
+
+
+class Sequence:
+    """A prompt being prefilled or decoded, with its sampler, detokenizer and stop filter."""
+
+    def __init__(self, sequence_id: str, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer):
+        if not prompt_ids:
+            raise ValueError("a sequence needs at least one prompt token")
+        self.id = sequence_id
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.sampling = SamplingState(params, prompt_ids)
+        self.detokenizer = IncrementalDetokenizer(tokenizer)
+        self.stop_filter = StopFilter(params.stop)
+        self.output_ids: list[int] = []
+        self.prefilled = 0
+        self.slot: int | None = None
+        self.finish_reason: FinishReason | None = None
+        self.cancel_requested = False
+
+    @property
+    def length(self) -> int:
+        """Prompt plus generated tokens."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def reserved_tokens(self) -> int:
+        """The most KV positions this sequence can ever need."""
+        return len(self.prompt_ids) + self.params.max_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def output_text(self) -> str:
+        """Text emitted so far; after the end, the whole answer (without any stop sequence)."""
+        return self.stop_filter.text[: self.stop_filter.emitted]
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """What one engine step produced for one sequence: a token and its text delta, and/or the end."""
+
+    sequence: Sequence
+    token: int | None
+    text: str = ""
+    finished: bool = False
+    extra: dict = field(default_factory=dict)
