@@ -49,14 +49,16 @@ class Engine:
         return self.running + ([self.prefilling] if self.prefilling else [])
 
     def tokens_in_flight(self) -> int:
-        """KV positions reserved by admitted and waiting sequences."""
-        return sum(s.reserved_tokens for s in (*self.active, *self.waiting))
+        """KV positions reserved by the sequences holding a slot."""
+        return sum(s.reserved_tokens for s in self.active)
 
-    def has_room_for(self, reserved_tokens: int) -> bool:
-        """Whether one more sequence of that size can wait here without exceeding the slot or token limits."""
-        sequences = len(self.active) + len(self.waiting)
-        return (sequences < self.decoder.max_batch_size
-                and self.tokens_in_flight() + reserved_tokens <= self.max_tokens_in_flight)
+    def wants_more(self) -> bool:
+        """Whether a new sequence could start soon: a slot is free and nobody is already waiting for one."""
+        return not self.waiting and len(self.active) < self.decoder.max_batch_size
+
+    def _can_admit(self, sequence: Sequence) -> bool:
+        return (len(self.running) < self.decoder.max_batch_size
+                and self.tokens_in_flight() + sequence.reserved_tokens <= self.max_tokens_in_flight)
 
     def add(self, sequence: Sequence) -> None:
         """Queue a sequence; it is admitted at a following step."""
@@ -80,7 +82,7 @@ class Engine:
     def step(self) -> list[Update]:
         """Advance every sequence by at most one token; return what happened to each."""
         updates = self._retire_cancelled()
-        if self.prefilling is None and self.waiting and len(self.running) < self.decoder.max_batch_size:
+        if self.prefilling is None and self.waiting and self._can_admit(self.waiting[0]):
             self.prefilling = self.waiting.popleft()
             self.prefilling.slot = len(self.running)
         if self.prefilling is not None:

@@ -1,0 +1,150 @@
+"""Per-job token events: published on Redis pub/sub and kept in a short backlog list with a TTL.
+
+Pub/sub delivers at most once, so every event is also appended to `llm:job:<id>:events` (a list whose
+index + 1 is the event id). A reader subscribes first, then reads the backlog, then takes live messages
+with ids above the last one seen: nothing is lost between the two and nothing is repeated.
+
+Event types: `token` `{"token", "text", "index"}`, `done` `{"job_id", "output_text", "output_ids",
+"finish_reason", "usage"}`, `error` `{"error": {"type", "message"}}`. `done` and `error` end a stream.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import redis
+
+TERMINAL_EVENTS = frozenset({"done", "error"})
+"""Event types after which a job publishes nothing more."""
+
+KEY_PREFIX = "llm:job:"
+
+
+def backlog_key(job_id: str) -> str:
+    """Redis list holding a job's events in order."""
+    return f"{KEY_PREFIX}{job_id}:events"
+
+
+def channel_name(job_id: str) -> str:
+    """Redis pub/sub channel carrying a job's events live."""
+    return f"{KEY_PREFIX}{job_id}:channel"
+
+
+def cancel_key(job_id: str) -> str:
+    """Redis key whose presence asks the worker to stop the job."""
+    return f"{KEY_PREFIX}{job_id}:cancel"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event of a job's stream; `id` counts from 1 within the job."""
+
+    id: int
+    type: str
+    data: dict
+
+    def encode(self) -> str:
+        return json.dumps({"id": self.id, "type": self.type, "data": self.data}, separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, raw: str | bytes) -> Event:
+        message = json.loads(raw)
+        return cls(message["id"], message["type"], message["data"])
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in TERMINAL_EVENTS
+
+
+class EventPublisher:
+    """Worker side: numbers a job's events, appends them to the backlog and publishes them."""
+
+    def __init__(self, connection: redis.Redis, job_id: str, ttl_s: int):
+        self.connection = connection
+        self.job_id = job_id
+        self.ttl_s = ttl_s
+        self.next_id = 1
+
+    def publish(self, event_type: str, data: dict) -> Event:
+        """Append and publish one event atomically (one MULTI round trip)."""
+        event = Event(self.next_id, event_type, data)
+        self.next_id += 1
+        encoded = event.encode()
+        pipe = self.connection.pipeline(transaction=True)
+        pipe.rpush(backlog_key(self.job_id), encoded)
+        pipe.expire(backlog_key(self.job_id), self.ttl_s)
+        pipe.publish(channel_name(self.job_id), encoded)
+        pipe.execute()
+        return event
+
+
+def publish_many(connection: redis.Redis, batch: list[tuple[EventPublisher, str, dict]]) -> None:
+    """Publish events of several jobs in one round trip (the batching worker's per-step flush)."""
+    if not batch:
+        return
+    pipe = connection.pipeline(transaction=False)
+    for publisher, event_type, data in batch:
+        event = Event(publisher.next_id, event_type, data)
+        publisher.next_id += 1
+        encoded = event.encode()
+        pipe.rpush(backlog_key(publisher.job_id), encoded)
+        pipe.expire(backlog_key(publisher.job_id), publisher.ttl_s)
+        pipe.publish(channel_name(publisher.job_id), encoded)
+    pipe.execute()
+
+
+def read_backlog(connection: redis.Redis, job_id: str, after_id: int = 0) -> list[Event]:
+    """Events of a job with ids above `after_id`, from the backlog."""
+    return [Event.decode(raw) for raw in connection.lrange(backlog_key(job_id), after_id, -1)]
+
+
+def follow(connection: redis.Redis, job_id: str, after_id: int = 0, *, keepalive_s: float = 5.0,
+           is_alive=None) -> Iterator[Event | None]:
+    """Yield a job's events after `after_id` until a terminal one; `None` every `keepalive_s` of silence.
+
+    `is_alive()` (optional) is asked during silences; when it says False (the job is gone, for example
+    its worker died), the stream ends with an `error` event instead of waiting forever.
+    """
+    pubsub = connection.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(channel_name(job_id))
+    try:
+        last_id = after_id
+        for event in read_backlog(connection, job_id, after_id):
+            last_id = event.id
+            yield event
+            if event.terminal:
+                return
+        silent_since = time.monotonic()
+        while True:
+            message = pubsub.get_message(timeout=min(1.0, keepalive_s))
+            if message is not None and message.get("type") == "message":
+                event = Event.decode(message["data"])
+                if event.id <= last_id:
+                    continue
+                if event.id > last_id + 1:  # a gap should not happen; recover from the backlog
+                    events = read_backlog(connection, job_id, last_id)
+                else:
+                    events = [event]
+                for event in events:
+                    last_id = event.id
+                    yield event
+                    if event.terminal:
+                        return
+                silent_since = time.monotonic()
+                continue
+            if time.monotonic() - silent_since >= keepalive_s:
+                silent_since = time.monotonic()
+                if is_alive is not None and not is_alive():
+                    for event in read_backlog(connection, job_id, last_id):  # it may have just finished
+                        last_id = event.id
+                        yield event
+                        if event.terminal:
+                            return
+                    yield Event(last_id + 1, "error", {"error": {"type": "job_lost", "message": "the job ended without a result (worker lost)"}})
+                    return
+                yield None
+    finally:
+        pubsub.close()

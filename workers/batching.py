@@ -1,0 +1,212 @@
+"""An RQ worker that keeps a running batch: jobs join and leave between decode steps.
+
+Built on RQ's `SimpleWorker` (no fork: torch's thread pool deadlocks in a forked child and CUDA cannot
+start in one). RQ's own loop blocks for the first job and calls `execute_job`; from there this worker
+takes more jobs without blocking whenever a slot is free (so other workers of the pool get the rest),
+steps the engine, publishes every token, and settles each job through RQ's own bookkeeping, so the
+started / finished / failed / canceled registries and heartbeats stay right. Cancellation and job
+timeouts are checked between steps, since nothing can interrupt a job running in-process.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+from rq.executions import Execution
+from rq.job import Job
+from rq.queue import Queue
+from rq.serializers import JSONSerializer
+from rq.timeouts import JobTimeoutException
+from rq.utils import now
+from rq.worker import SimpleWorker, WorkerStatus
+
+from shared.exceptions import ConfigurationError
+from shared.events import EventPublisher, cancel_key, publish_many
+from shared.jobs import GenerationJob
+from shared.model_files import force_offline
+from shared.settings import Settings
+from shared.tokenizer import load_tokenizer
+from workers.engine.decoder import Decoder
+from workers.engine.engine import Engine
+from workers.engine.sequence import FinishReason, Sequence, Update
+
+HEARTBEAT_INTERVAL_S = 5.0
+"""How often running jobs and the worker refresh their RQ heartbeats while the batch is busy."""
+
+
+@dataclass(slots=True)
+class RunningJob:
+    """An RQ job admitted into the batch, with what is needed to publish and settle it."""
+
+    job: Job
+    queue: Queue
+    execution: Execution
+    publisher: EventPublisher
+    sequence: Sequence
+    started: float
+    timed_out: bool = False
+
+
+class BatchingWorker(SimpleWorker):
+    """Continuous batching inside one RQ worker process. Subclasses say how to build the decoder."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["serializer"] = JSONSerializer  # payloads are JSON; never unpickle what is in Redis
+        super().__init__(*args, **kwargs)
+        self.settings = Settings.from_env()
+        self.engine: Engine | None = None
+        self.running: dict[str, RunningJob] = {}
+        self._last_heartbeat = 0.0
+
+    def build_decoder(self) -> Decoder:
+        """The pool's decoder with its weights loaded."""
+        raise NotImplementedError
+
+    def load_engine(self) -> Engine:
+        """Load the tokenizer and decoder once, before the first job."""
+        force_offline()
+        tokenizer = load_tokenizer(self.settings.model_dir)
+        decoder = self.build_decoder()
+        return Engine(decoder, tokenizer.backend, tokenizer.eos_token_ids,
+                      prefill_chunk=self.settings.prefill_chunk,
+                      max_tokens_in_flight=self.settings.max_tokens_in_flight)
+
+    def work(self, *args, **kwargs) -> bool:
+        if self.engine is None:
+            try:
+                self.engine = self.load_engine()
+            except ConfigurationError as exc:
+                raise SystemExit(f"{self.name}: {exc}") from exc
+            self.log.info("Worker %s: model loaded, batch of up to %d", self.name, self.engine.decoder.max_batch_size)
+        return super().work(*args, **kwargs)
+
+    # -- the batch loop ------------------------------------------------------------------------------
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        """Run `job` and every job that joins it until the batch is empty."""
+        self.admit(job, queue)
+        try:
+            while self.engine.has_work:
+                if not self._stop_requested:
+                    self.admit_queued_jobs()
+                self.check_cancellations()
+                self.publish(self.engine.step())
+                self.keep_heartbeats()
+        except Exception:  # a bug in a step must not strand clients: fail what is running, keep serving
+            self.log.exception("Worker %s: batch step failed", self.name)
+            for entry in list(self.running.values()):
+                self.fail(entry, "internal_error", "the worker failed while generating", sys.exc_info())
+            self.engine = Engine(self.engine.decoder, self.engine.tokenizer, self.engine.eos_token_ids,
+                                 prefill_chunk=self.engine.prefill_chunk,
+                                 max_tokens_in_flight=self.engine.max_tokens_in_flight)
+        finally:
+            self.set_state(WorkerStatus.IDLE)
+
+    def admit_queued_jobs(self) -> None:
+        """Take queued jobs without blocking while the batch has a free slot."""
+        while self.engine.wants_more():
+            result = self.queue_class.dequeue_any(
+                self._ordered_queues, None, connection=self.connection, job_class=self.job_class,
+                serializer=self.serializer, death_penalty_class=self.death_penalty_class)
+            if result is None:
+                return
+            self.admit(*result)
+
+    def admit(self, job: Job, queue: Queue) -> None:
+        """Start `job` in RQ's registries and hand its sequence to the engine."""
+        execution = self.prepare_execution(job)
+        self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
+        job.started_at = now()
+        publisher = EventPublisher(self.connection, job.id, self.settings.backlog_ttl_s)
+        entry = RunningJob(job, queue, execution, publisher, sequence=None, started=time.monotonic())
+        try:
+            payload = GenerationJob.from_dict(job.kwargs["payload"])
+            entry.sequence = Sequence(job.id, payload.prompt_ids, payload.sampling, self.engine.tokenizer)
+            self.engine.add(entry.sequence)
+        except (KeyError, TypeError, ValueError) as exc:
+            self.fail(entry, "invalid_job", str(exc), sys.exc_info())
+            return
+        self.running[job.id] = entry
+
+    def check_cancellations(self) -> None:
+        """Cancel sequences whose client left or asked to stop, and those past their job timeout."""
+        if not self.running:
+            return
+        ids = list(self.running)
+        flags = self.connection.mget([cancel_key(job_id) for job_id in ids])
+        clock = time.monotonic()
+        for job_id, flag in zip(ids, flags):
+            entry = self.running[job_id]
+            timeout = entry.job.timeout
+            if timeout and timeout > 0 and clock - entry.started > timeout:
+                entry.timed_out = True
+                self.engine.cancel(job_id)
+            elif flag is not None:
+                self.engine.cancel(job_id)
+
+    # -- publishing and settling ---------------------------------------------------------------------
+
+    def publish(self, updates: list[Update]) -> None:
+        """Send this step's token events in one round trip, then settle finished jobs in RQ."""
+        events, finished = [], []
+        for update in updates:
+            entry = self.running[update.sequence.id]
+            if update.token is not None:
+                index = len(update.sequence.output_ids) - 1
+                events.append((entry.publisher, "token", {"token": update.token, "text": update.text, "index": index}))
+            if update.finished and update.sequence.finish_reason != FinishReason.CANCELLED:
+                events.append((entry.publisher, "done", self.result(entry)))
+                finished.append(entry)
+            elif update.finished:
+                finished.append(entry)
+        publish_many(self.connection, events)
+        for entry in finished:
+            self.settle(entry)
+
+    def result(self, entry: RunningJob) -> dict:
+        """The `done` event's data, also stored as the RQ job's result."""
+        sequence = entry.sequence
+        return {"job_id": entry.job.id, "output_text": sequence.output_text, "output_ids": sequence.output_ids,
+                "finish_reason": sequence.finish_reason.value,
+                "usage": {"prompt_tokens": len(sequence.prompt_ids), "completion_tokens": len(sequence.output_ids)}}
+
+    def settle(self, entry: RunningJob) -> None:
+        """Record a finished sequence's outcome in RQ: finished, failed (timeout) or canceled."""
+        sequence = entry.sequence
+        if sequence.finish_reason != FinishReason.CANCELLED:
+            self.running.pop(entry.job.id, None)
+            self._finalize_success(entry.job, entry.queue, entry.execution, self.result(entry))
+        elif entry.timed_out:
+            try:
+                raise JobTimeoutException(f"job exceeded its timeout of {entry.job.timeout} s")
+            except JobTimeoutException as exc:
+                self.fail(entry, "timeout", str(exc), sys.exc_info())
+        else:
+            self.cancel(entry)
+
+    def fail(self, entry: RunningJob, error_type: str, message: str, exc_info) -> None:
+        """Publish an `error` event and mark the job failed in RQ."""
+        self.running.pop(entry.job.id, None)
+        entry.publisher.publish("error", {"error": {"type": error_type, "message": message}})
+        self._finalize_failure(entry.job, entry.queue, entry.execution, exc_info)
+
+    def cancel(self, entry: RunningJob) -> None:
+        """Publish a `cancelled` error event and move the job to RQ's canceled registry."""
+        self.running.pop(entry.job.id, None)
+        entry.publisher.publish("error", {"error": {"type": "cancelled", "message": "the job was cancelled"}})
+        with self.connection.pipeline() as pipeline:
+            self.cleanup_execution(entry.job, pipeline=pipeline, execution=entry.execution)
+            pipeline.execute()
+        entry.job.cancel()
+
+    def keep_heartbeats(self) -> None:
+        """Refresh the worker's and every running job's heartbeat every few seconds."""
+        if time.monotonic() - self._last_heartbeat < HEARTBEAT_INTERVAL_S:
+            return
+        self._last_heartbeat = time.monotonic()
+        for entry in self.running.values():
+            self.maintain_heartbeats(entry.job, entry.execution)
+        if not self.running:
+            self.heartbeat()
