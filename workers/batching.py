@@ -52,10 +52,10 @@ class RunningJob:
 class BatchingWorker(SimpleWorker):
     """Continuous batching inside one RQ worker process. Subclasses say how to build the decoder."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, settings: Settings | None = None, **kwargs):
         kwargs["serializer"] = JSONSerializer  # payloads are JSON; never unpickle what is in Redis
         super().__init__(*args, **kwargs)
-        self.settings = Settings.from_env()
+        self.settings = settings or Settings.from_env()
         self.engine: Engine | None = None
         self.running: dict[str, RunningJob] = {}
         self._last_heartbeat = 0.0

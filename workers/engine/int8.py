@@ -10,6 +10,8 @@ one fbgemm GEMM for the batch, but every row is computed exactly as if it ran al
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -63,8 +65,10 @@ class Int8Linear(nn.Module):
     def pack(self) -> None:
         """Hand the loaded weights to fbgemm in its own layout; the buffers are then dropped."""
         zero_points = torch.zeros(self.out_features, dtype=torch.long)
-        weight = torch._make_per_channel_quantized_tensor(
-            self.weight_int8, self.weight_scale.double(), zero_points, 0)
+        with warnings.catch_warnings():  # fbgemm's prepack still takes a quantized tensor; nothing else does
+            warnings.simplefilter("ignore", UserWarning)
+            weight = torch._make_per_channel_quantized_tensor(
+                self.weight_int8, self.weight_scale.double(), zero_points, 0)
         self.packed = torch.ops.quantized.linear_prepack(weight, None)
         self.weight_int8 = self.weight_scale = None
 

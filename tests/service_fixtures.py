@@ -1,0 +1,114 @@
+"""Real processes for integration tests: the Procfile's `web` and `cpu` lines against a real Redis.
+
+The processes are started exactly as the Procfile says (through bash, from the repository root, with
+`.venv/bin` on the PATH), with their own Redis database, and stopped at the end of the session.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://localhost:6379/13")
+STARTUP_TIMEOUT_S = 180
+
+
+def procfile_commands() -> dict[str, str]:
+    """Process type -> command line, as written in the Procfile."""
+    lines = (ROOT / "Procfile").read_text().splitlines()
+    return dict(line.split(":", 1) for line in lines if line.strip() and not line.startswith("#"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Service:
+    """A running API with its worker processes."""
+
+    base_url: str
+    redis: redis.Redis
+    processes: dict[str, subprocess.Popen]
+    logs: dict[str, Path]
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def start(self, kind: str, env: dict[str, str], name: str | None = None) -> subprocess.Popen:
+        name = name or kind
+        log = self.logs.setdefault(name, Path(os.environ.get("TMPDIR", "/tmp")) / f"llm-test-{name}-{os.getpid()}.log")
+        process = subprocess.Popen(["bash", "-c", procfile_commands()[kind].strip()], cwd=ROOT, env=env,
+                                   stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.processes[name] = process
+        return process
+
+    def stop_all(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+
+    def wait_for_workers(self, pool: str, count: int = 1) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                health = requests.get(self.url("/health"), timeout=2).json()
+                if health.get("workers", {}).get(pool, 0) >= count:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"no {pool} worker registered within {STARTUP_TIMEOUT_S} s")
+
+    def check_alive(self) -> None:
+        for name, process in self.processes.items():
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {process.returncode}:\n{self.logs[name].read_text()[-3000:]}")
+
+
+def service_environment(port: int, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(PATH=f"{ROOT / '.venv' / 'bin'}:{env.get('PATH', '')}", PORT=str(port), REDIS_URL=TEST_REDIS_URL,
+               BACKEND_MODE="auto", MODEL_DIR=str(ROOT / "weights"), WEB_CONCURRENCY="2",
+               MAX_SEQ_LEN="1024", MAX_BATCH_SIZE="32", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def service():
+    """gunicorn (web) and one CPU worker, from the Procfile, on a free port and a test Redis database."""
+    connection = redis.Redis.from_url(TEST_REDIS_URL)
+    connection.flushdb()
+    port = free_port()
+    env = service_environment(port)
+    running = Service(f"http://127.0.0.1:{port}", connection, {}, {})
+    running.env = env
+    try:
+        running.start("web", env)
+        running.start("cpu", env)
+        running.wait_for_workers("cpu")
+        yield running
+    finally:
+        running.stop_all()
+        connection.flushdb()
+        print(f"service logs: {running.logs}", file=sys.stderr)

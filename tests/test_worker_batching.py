@@ -1,0 +1,103 @@
+"""The batching RQ worker, in-process over fakeredis with RQ's burst mode and a tiny model."""
+
+from __future__ import annotations
+
+import uuid
+
+import fakeredis
+import pytest
+from rq import Queue
+from rq.job import JobStatus
+from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from shared.events import cancel_key, read_backlog
+from shared.jobs import JOB_FUNCTION, GenerationJob
+from shared.sampling import SamplingParams
+from shared.settings import Settings
+from shared.tokenizer import load_tokenizer
+from tests.tiny_model import tiny_weights  # noqa: F401  (fixture)
+from workers.cpu import CPUWorker
+from workers.gpu import GPUWorker
+
+
+@pytest.fixture
+def connection():
+    return fakeredis.FakeRedis()
+
+
+def enqueue(connection, weights, prompt: str, pool: str = "cpu", timeout: int = 60, **sampling) -> str:
+    tokenizer = load_tokenizer(str(weights))
+    job_id = uuid.uuid4().hex
+    job = GenerationJob(job_id, tokenizer.encode(prompt), SamplingParams(**sampling), backend=pool)
+    Queue(pool, connection=connection, serializer=JSONSerializer).enqueue(
+        JOB_FUNCTION, kwargs={"payload": job.to_dict()}, job_id=job_id, job_timeout=timeout)
+    return job_id
+
+
+def run_worker(connection, weights, worker_class=CPUWorker, pool="cpu", **settings):
+    settings = Settings.from_env({}, model_dir=str(weights), worker_device="cpu", max_seq_len=256, **settings)
+    worker = worker_class([Queue(pool, connection=connection, serializer=JSONSerializer)],
+                          connection=connection, settings=settings)
+    worker.work(burst=True)
+    return worker
+
+
+@pytest.mark.parametrize(("worker_class", "pool"), [(CPUWorker, "cpu"), (GPUWorker, "gpu")])
+def test_worker_streams_every_job_and_settles_it_in_rq(connection, tiny_weights, worker_class, pool):
+    job_ids = [enqueue(connection, tiny_weights, prompt, pool, max_tokens=n, temperature=0)
+               for prompt, n in [("Hello there", 5), ("A longer prompt about the sea and ships", 9), ("Hi", 3)]]
+    run_worker(connection, tiny_weights, worker_class, pool)
+    for job_id, expected in zip(job_ids, [5, 9, 3]):
+        events = read_backlog(connection, job_id)
+        tokens, done = events[:-1], events[-1]
+        assert done.type == "done" and [e.id for e in events] == list(range(1, len(events) + 1))
+        assert len(done.data["output_ids"]) <= expected
+        assert "".join(e.data["text"] for e in tokens) == done.data["output_text"]
+        assert Queue(pool, connection=connection, serializer=JSONSerializer).fetch_job(job_id).get_status() == JobStatus.FINISHED
+    assert sorted(FinishedJobRegistry(pool, connection=connection).get_job_ids()) == sorted(job_ids)
+    assert StartedJobRegistry(pool, connection=connection).get_job_ids() == []
+
+
+def test_jobs_run_together_in_one_batch(connection, tiny_weights):
+    job_ids = [enqueue(connection, tiny_weights, f"Prompt number {i}", max_tokens=6, temperature=0) for i in range(4)]
+    run_worker(connection, tiny_weights, max_batch_size=4)
+    queue = Queue("cpu", connection=connection, serializer=JSONSerializer)
+    jobs = [queue.fetch_job(job_id) for job_id in job_ids]
+    # One running batch: every job had started before the first one ended.
+    assert max(job.started_at for job in jobs) < min(job.ended_at for job in jobs)
+    assert all(read_backlog(connection, job_id)[-1].type == "done" for job_id in job_ids)
+
+
+def test_a_cancel_signal_ends_the_job_as_canceled(connection, tiny_weights):
+    job_id = enqueue(connection, tiny_weights, "Cancel me", max_tokens=50, temperature=0)
+    connection.set(cancel_key(job_id), "1")
+    run_worker(connection, tiny_weights)
+    last = read_backlog(connection, job_id)[-1]
+    assert last.type == "error" and last.data["error"]["type"] == "cancelled"
+    assert job_id in CanceledJobRegistry("cpu", connection=connection).get_job_ids()
+    assert StartedJobRegistry("cpu", connection=connection).get_job_ids() == []
+
+
+def test_a_malformed_payload_fails_the_job_with_an_error_event(connection, tiny_weights):
+    job_id = uuid.uuid4().hex
+    Queue("cpu", connection=connection, serializer=JSONSerializer).enqueue(
+        JOB_FUNCTION, kwargs={"payload": {"job_id": job_id}}, job_id=job_id)
+    run_worker(connection, tiny_weights)
+    last = read_backlog(connection, job_id)[-1]
+    assert last.type == "error" and last.data["error"]["type"] == "invalid_job"
+    assert job_id in FailedJobRegistry("cpu", connection=connection).get_job_ids()
+
+
+def test_a_request_too_long_for_the_worker_fails_cleanly(connection, tiny_weights):
+    job_id = enqueue(connection, tiny_weights, "word " * 300, max_tokens=10)
+    run_worker(connection, tiny_weights)
+    assert read_backlog(connection, job_id)[-1].data["error"]["type"] == "invalid_job"
+
+
+def test_gpu_worker_refuses_to_start_without_cuda(connection, tiny_weights):
+    settings = Settings.from_env({}, model_dir=str(tiny_weights), worker_device="cuda")
+    worker = GPUWorker([Queue("gpu", connection=connection, serializer=JSONSerializer)],
+                       connection=connection, settings=settings)
+    with pytest.raises(SystemExit, match="WORKER_DEVICE=cpu"):
+        worker.work(burst=True)
