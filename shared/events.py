@@ -101,6 +101,15 @@ def read_backlog(connection: redis.Redis, job_id: str, after_id: int = 0) -> lis
     return [Event.decode(raw) for raw in connection.lrange(backlog_key(job_id), after_id, -1)]
 
 
+def _ended_by(connection: redis.Redis, job_id: str, event_id: int) -> bool:
+    """Whether the job's terminal event (always the backlog's last) has an id no greater than `event_id`."""
+    raw = connection.lindex(backlog_key(job_id), -1)
+    if raw is None:
+        return False
+    last = Event.decode(raw)
+    return last.terminal and last.id <= event_id
+
+
 def follow(connection: redis.Redis, job_id: str, after_id: int = 0, *, keepalive_s: float = 5.0,
            is_alive=None) -> Iterator[Event | None]:
     """Yield a job's events after `after_id` until a terminal one; `None` every `keepalive_s` of silence.
@@ -111,6 +120,8 @@ def follow(connection: redis.Redis, job_id: str, after_id: int = 0, *, keepalive
     pubsub = connection.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(channel_name(job_id))
     try:
+        if after_id and _ended_by(connection, job_id, after_id):
+            return  # the reader has seen the terminal event already (a reconnecting EventSource)
         last_id = after_id
         for event in read_backlog(connection, job_id, after_id):
             last_id = event.id

@@ -21,5 +21,7 @@ class INT8Decoder(Decoder):
         state = fuse_projections(fuse_projections(state, "weight_int8"), "weight_scale")
         model = build_model(config, state, linear_factory=Int8Linear.like)
         pack_all(model)
+        # Per-row INT8 activations turn the tiny differences of padded attention into different tokens.
+        model.exact_rows = True
         self._attach(model)
         return self

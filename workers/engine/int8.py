@@ -74,10 +74,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in]; each row gets its own scale, so batching cannot change any row's result.
-        row_max = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
+        row_max = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_min_(1e-12)
         y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
             x / row_max, 1.0 / ACTIVATION_LEVELS, ACTIVATION_LEVELS + 1, self.packed)
-        return y * row_max
+        return y.mul_(row_max)
 
 
 def pack_all(model: nn.Module) -> None:

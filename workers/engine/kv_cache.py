@@ -40,9 +40,9 @@ class KVCache:
                 grown[:, :, : old.shape[2]] = old
                 tensors[index] = grown
 
-    def write(self, layer: int, slots: slice, positions: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
-        """Store `key`/`value` `[B, T, kv_heads, head_dim]` at `positions` `[B, T]` of the slots."""
-        rows = torch.arange(key.shape[0], device=key.device)[:, None]
+    def write(self, layer: int, slots: slice, rows: torch.Tensor, positions: torch.Tensor,
+              key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store `key`/`value` `[B, T, kv_heads, head_dim]` at `positions` `[B, T]` of rows `[B, 1]` of the slots."""
         self.keys[layer][slots][rows, :, positions] = key
         self.values[layer][slots][rows, :, positions] = value
 

@@ -73,15 +73,34 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused call; same numbers as the formula below
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+@dataclass(slots=True)
+class StepInputs:
+    """What every layer of one forward pass shares: rotary tables, mask and cache coordinates."""
+
+    cos: torch.Tensor  # [B, T, 1, head_dim]
+    sin_signed: torch.Tensor  # [B, T, 1, head_dim]: (-sin, +sin) halves, see apply_rotary
+    mask: torch.Tensor | None  # [B, 1, T, length] additive, or None when every key is visible
+    rows: torch.Tensor  # [B, 1] batch row of each cache write
+    positions: torch.Tensor  # [B, T] position of each token
+    slots: slice
+    length: int
+    row_lengths: list[int] | None = None  # set: attend row by row over exactly each row's own keys
+
+
+def apply_rotary(x: torch.Tensor, step: StepInputs) -> torch.Tensor:
+    """transformers' `x * cos + rotate_half(x) * sin`, with rotate_half as a roll and a signed sin."""
+    dtype = x.dtype
+    x = x.float()
+    rotated = x * step.cos + x.roll(x.shape[-1] // 2, dims=-1) * step.sin_signed
+    return rotated.to(dtype)
 
 
 class Attention(nn.Module):
@@ -93,20 +112,24 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, qkv_rows, bias=False)
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache, slots: slice, positions, length: int):
-        # x: [B, T, hidden]; cos/sin: [B, T, 1, head_dim]; mask: [B, 1, T, length]
+    def forward(self, x: torch.Tensor, step: StepInputs, cache: KVCache) -> torch.Tensor:
+        # x: [B, T, hidden]
         batch, steps, _ = x.shape
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(batch, steps, self.num_heads, self.head_dim)
-        k = k.view(batch, steps, self.num_kv_heads, self.head_dim)
-        v = v.view(batch, steps, self.num_kv_heads, self.head_dim)
-        dtype = q.dtype
-        q = (q.float() * cos + rotate_half(q.float()) * sin).to(dtype)
-        k = (k.float() * cos + rotate_half(k.float()) * sin).to(dtype)
-        cache.write(self.layer_index, slots, positions, k, v)
-        keys, values = cache.read(self.layer_index, slots, length)  # [B, kv_heads, length, head_dim]
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True)
+        q_size = self.num_heads * self.head_dim
+        qkv = self.qkv_proj(x).view(batch, steps, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        qk = apply_rotary(qkv[:, :, : self.num_heads + self.num_kv_heads], step)
+        q, k = qk[:, :, : self.num_heads], qk[:, :, self.num_heads:]
+        v = qkv[:, :, self.num_heads + self.num_kv_heads:]
+        cache.write(self.layer_index, step.slots, step.rows, step.positions, k, v)
+        keys, values = cache.read(self.layer_index, step.slots, step.length)  # [B, kv_heads, length, head_dim]
+        q = q.transpose(1, 2)  # [B, heads, T, head_dim]
+        if step.row_lengths is None:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=True)
+        else:  # padding changes the kernel's summation order; INT8 would amplify that into other tokens
+            out = torch.cat([
+                F.scaled_dot_product_attention(q[b: b + 1], keys[b: b + 1, :, :n], values[b: b + 1, :, :n],
+                                               enable_gqa=True)
+                for b, n in enumerate(step.row_lengths)])
         return self.o_proj(out.transpose(1, 2).reshape(batch, steps, q_size))
 
 
@@ -129,8 +152,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, cache, slots, positions, length):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, slots, positions, length)
+    def forward(self, x: torch.Tensor, step: StepInputs, cache: KVCache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), step, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -147,11 +170,25 @@ class LlamaModel(nn.Module):
         inverse_frequencies, self.rope_scaling = rotary_inverse_frequencies(config)
         self.register_buffer("inv_freq", inverse_frequencies, persistent=False)
 
-    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin `[B, T, 1, head_dim]` for integer positions `[B, T]`, in fp32."""
-        freqs = positions[..., None].float() * self.inv_freq.float()
-        angles = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
-        return angles.cos() * self.rope_scaling, angles.sin() * self.rope_scaling
+    exact_rows = False
+    """When True, decode steps attend row by row, so a row's result never depends on its batch."""
+
+    def step_inputs(self, starts: list[int], steps: int, slots: slice, device) -> StepInputs:
+        """Rotary tables, attention mask and cache indices for tokens at `starts[b]..starts[b]+steps-1`."""
+        length = max(starts) + steps
+        positions = torch.tensor(starts, device=device)[:, None] + torch.arange(steps, device=device)
+        freqs = positions[..., None].float() * self.inv_freq.float()  # [B, T, head_dim / 2]
+        cos, sin = freqs.cos() * self.rope_scaling, freqs.sin() * self.rope_scaling
+        cos = torch.cat((cos, cos), dim=-1)[:, :, None, :]
+        sin_signed = torch.cat((-sin, sin), dim=-1)[:, :, None, :]
+        mask, row_lengths = None, None
+        if steps == 1 and self.exact_rows and len(starts) > 1:
+            row_lengths = [start + 1 for start in starts]
+        elif steps > 1 or min(starts) != max(starts):  # some query must not see some key
+            visible = torch.arange(length, device=device)[None, None, :] <= positions[:, :, None]
+            mask = torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf"))[:, None]
+        rows = torch.arange(len(starts), device=device)[:, None]
+        return StepInputs(cos, sin_signed, mask, rows, positions, slots, length, row_lengths)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, slots: slice, starts: list[int],
@@ -161,15 +198,11 @@ class LlamaModel(nn.Module):
         Returns `[B, vocab]` for the last position of each row, or `[B, T, vocab]` with `last_only=False`.
         """
         batch, steps = tokens.shape
-        device = tokens.device
-        length = max(starts) + steps
-        cache.reserve(length)
-        positions = torch.tensor(starts, device=device)[:, None] + torch.arange(steps, device=device)
-        cos, sin = self.rotary(positions)
-        mask = (torch.arange(length, device=device)[None, None, :] <= positions[:, :, None])[:, None]
+        step = self.step_inputs(starts, steps, slots, tokens.device)
+        cache.reserve(step.length)
         x = self.embed_tokens(tokens)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache, slots, positions, length)
+            x = layer(x, step, cache)
         x = self.norm(x[:, -1] if last_only else x)
         return self.lm_head(x).float()
 

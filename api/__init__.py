@@ -1,0 +1,33 @@
+"""The HTTP front end: validates requests, routes them to a worker pool over RQ, relays events as SSE.
+
+Nothing here imports torch: the tokenizer comes from `shared.tokenizer` (tokenizers + jinja2 only).
+"""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from api import errors, extensions, generation, health, jobs
+from shared.settings import Settings
+
+MAX_CONTENT_LENGTH = 1 << 20
+"""Largest request body accepted (bytes); bigger bodies get a 413 JSON error."""
+
+
+def create_app(test_config: dict | None = None) -> Flask:
+    """Build the app: settings from the environment, then `FLASK_*` variables, then `test_config`.
+
+    Config keys named after `Settings` fields in upper case (`REDIS_URL`, `MAX_SEQ_LEN`, ...) override
+    those settings; `REDIS_CLIENT` injects a ready Redis client (tests pass a fakeredis one).
+    """
+    app = Flask(__name__, static_folder=None)
+    app.config.from_mapping(extensions.settings_as_config(Settings.from_env()),
+                            MAX_CONTENT_LENGTH=MAX_CONTENT_LENGTH, REDIS_CLIENT=None)
+    app.config.from_prefixed_env()
+    if test_config is not None:
+        app.config.from_mapping(test_config)
+    extensions.init_app(app)
+    errors.init_app(app)
+    for blueprint in (generation.bp, jobs.bp, health.bp):
+        app.register_blueprint(blueprint)
+    return app

@@ -1,0 +1,21 @@
+"""`python -m api`: Flask's development server on PORT (default 8080). Production uses gunicorn:
+
+    gunicorn -c deploy/gunicorn.conf.py 'api:create_app()'
+"""
+
+from __future__ import annotations
+
+from api import create_app
+from api.extensions import get_settings
+
+
+def main() -> None:
+    """Serve the API with threads, so open event streams do not block other requests."""
+    app = create_app()
+    with app.app_context():
+        port = get_settings().port
+    app.run(host="0.0.0.0", port=port, threaded=True)
+
+
+if __name__ == "__main__":
+    main()

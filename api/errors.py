@@ -1,0 +1,70 @@
+"""One error handler: every failure reaches the client as `{"error": {"type", "message"(, "field")}}`."""
+
+from __future__ import annotations
+
+import re
+
+from flask import Flask, Response, current_app, jsonify
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from werkzeug.exceptions import HTTPException
+
+from shared.exceptions import ConfigurationError, ServiceError, UnavailableError
+
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+"""Redis failures that mean the service is unavailable rather than broken."""
+
+JOB_ERROR_STATUS = {"cancelled": 409, "invalid_job": 422, "job_lost": 502, "timeout": 504}
+"""HTTP status of error types only workers (or the event follower) report; others come from exceptions.py.
+
+`invalid_job`: the worker could not run the job as given (say, longer than its own context limit)."""
+
+
+def init_app(app: Flask) -> None:
+    """Register the handler for every exception, HTTP ones (404, 405, 413...) included."""
+    app.register_error_handler(Exception, handle_error)
+
+
+def handle_error(error: Exception) -> tuple[Response, int]:
+    """Turn any exception into the service's JSON error shape with a fitting status."""
+    if isinstance(error, HTTPException):
+        body = {"error": {"type": _snake_case(error.name), "message": error.description}}
+        response = jsonify(body)
+        # Keep headers such as `Allow` on a 405; jsonify already set the content type.
+        response.headers.extend((k, v) for k, v in error.get_headers() if k.lower() != "content-type")
+        return response, error.code or 500
+    if isinstance(error, REDIS_DOWN):
+        current_app.logger.warning("redis unavailable: %s", error)
+        error = UnavailableError("the job store (Redis) does not answer; try again shortly")
+    if isinstance(error, ServiceError):
+        return jsonify(error.to_dict()), error.status
+    if isinstance(error, ConfigurationError):
+        current_app.logger.error("configuration error: %s", error)
+        return jsonify({"error": {"type": "configuration_error", "message": str(error)}}), 500
+    current_app.logger.exception("unhandled error")
+    return jsonify({"error": {"type": "internal_error", "message": "internal server error"}}), 500
+
+
+def error_from_event(data: dict) -> ServiceError:
+    """The exception matching a job's terminal `error` event, with the status its type calls for."""
+    details = data.get("error") or {}
+    error = ServiceError(details.get("message") or "generation failed", field=details.get("field"))
+    error.error_type = details.get("type") or "internal_error"
+    error.status = JOB_ERROR_STATUS.get(error.error_type) or _status_of_type(error.error_type)
+    return error
+
+
+def _status_of_type(error_type: str) -> int:
+    """The status of the ServiceError subclass named `error_type`, 500 when none is."""
+    pending = [ServiceError]
+    while pending:
+        cls = pending.pop()
+        if cls.error_type == error_type:
+            return cls.status
+        pending.extend(cls.__subclasses__())
+    return 500
+
+
+def _snake_case(name: str) -> str:
+    """`Method Not Allowed` -> `method_not_allowed`."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")

@@ -1,0 +1,75 @@
+"""The app's shared clients, kept in `app.extensions`: settings, the Redis client, the lazy tokenizer."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import fields
+
+import redis
+from flask import Flask, current_app
+
+from shared.settings import Settings
+from shared.tokenizer import TextTokenizer, load_tokenizer
+
+EXTENSION_KEY = "llm_api"
+"""Key of this app's entry in `app.extensions`."""
+
+REDIS_CONNECT_TIMEOUT_S = 5.0
+"""How long to wait for Redis to accept a connection before answering 503."""
+
+
+def settings_as_config(settings: Settings) -> dict:
+    """Settings as Flask config entries, one upper-case key per field."""
+    return {field.name.upper(): getattr(settings, field.name) for field in fields(Settings)}
+
+
+def settings_from_config(config: dict) -> Settings:
+    """Settings rebuilt from the (possibly overridden) config entries, validated."""
+    values = {field.name: config[field.name.upper()] for field in fields(Settings) if field.name.upper() in config}
+    return Settings.from_env({}, **values)
+
+
+class LazyTokenizer:
+    """Loads the model's tokenizer on first use, once per process, so app start stays cheap."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self._tokenizer: TextTokenizer | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> TextTokenizer:
+        """The tokenizer, loading it now if no request has needed it yet."""
+        if self._tokenizer is None:
+            with self._lock:
+                if self._tokenizer is None:
+                    self._tokenizer = load_tokenizer(self.folder)
+        return self._tokenizer
+
+
+def init_app(app: Flask) -> None:
+    """Create the settings, Redis client and tokenizer holder for `app`."""
+    settings = settings_from_config(app.config)
+    client = app.config.get("REDIS_CLIENT")
+    if client is None:
+        # from_url connects lazily: a Redis that is down shows up as 503s, not as a failed start.
+        client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S)
+    app.extensions[EXTENSION_KEY] = {
+        "settings": settings,
+        "redis": client,
+        "tokenizer": LazyTokenizer(str(settings.model_path)),
+    }
+
+
+def get_settings() -> Settings:
+    """The current app's settings."""
+    return current_app.extensions[EXTENSION_KEY]["settings"]
+
+
+def get_redis() -> redis.Redis:
+    """The current app's Redis client."""
+    return current_app.extensions[EXTENSION_KEY]["redis"]
+
+
+def get_tokenizer() -> TextTokenizer:
+    """The current app's tokenizer (loaded on first call)."""
+    return current_app.extensions[EXTENSION_KEY]["tokenizer"].get()

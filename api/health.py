@@ -1,0 +1,24 @@
+"""`GET /health`: whether Redis answers and how many live workers each pool has."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify
+
+from api.errors import REDIS_DOWN
+from api.extensions import get_redis
+from api.routing import live_worker_counts
+from shared.settings import BACKENDS
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/health")
+def health():
+    """200 with live worker counts when Redis answers, 503 (same shape, `redis: false`) when it does not."""
+    connection = get_redis()
+    try:
+        connection.ping()
+        workers = live_worker_counts(connection)
+    except REDIS_DOWN:
+        return jsonify(status="unavailable", redis=False, workers=dict.fromkeys(BACKENDS, 0)), 503
+    return jsonify(status="ok", redis=True, workers=workers)

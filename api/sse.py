@@ -1,0 +1,72 @@
+"""Server-sent events: a job's events as `id:`/`event:`/`data:` frames, with keep-alives and cancel-on-leave."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import closing
+
+from flask import Response
+
+from api.errors import REDIS_DOWN
+from shared.events import Event
+
+log = logging.getLogger(__name__)  # a child of the app's logger; frames are sent outside the app context
+
+KEEPALIVE = ": keep-alive\n\n"
+"""A comment frame: keeps proxies from closing an idle stream and reveals a client that has left."""
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+"""Stop caches and nginx from holding frames back."""
+
+
+def format_event(event: Event) -> str:
+    """One SSE frame; JSON escapes newlines, so the data always fits on one `data:` line."""
+    data = json.dumps(event.data, ensure_ascii=False, separators=(",", ":"))
+    return f"id: {event.id}\nevent: {event.type}\ndata: {data}\n\n"
+
+
+def error_frame(error_type: str, message: str) -> str:
+    """A terminal error frame the API makes itself; it has no id, so a reconnect resumes at the last real event."""
+    data = json.dumps({"error": {"type": error_type, "message": message}}, separators=(",", ":"))
+    return f"event: error\ndata: {data}\n\n"
+
+
+def relay(events: Iterator[Event | None], on_disconnect: Callable[[], None] | None = None) -> Iterator[str]:
+    """SSE text for `events` (from `shared.events.follow`); `on_disconnect` runs if the client leaves early.
+
+    The WSGI server closes this generator (GeneratorExit at a `yield`) when a write to a departed
+    client fails; keep-alives make that happen within `keepalive_s` even while the job is silent.
+    """
+    finished = False
+    with closing(events):
+        try:
+            yield KEEPALIVE  # sends the headers (X-Job-Id) at once, before the first token
+            for event in events:
+                if event is None:
+                    yield KEEPALIVE
+                    continue
+                finished = event.terminal
+                yield format_event(event)
+        except GeneratorExit:
+            if not finished and on_disconnect is not None:
+                _run_quietly(on_disconnect)
+            raise
+        except REDIS_DOWN as exc:
+            log.warning("stream ended, redis unavailable: %s", exc)
+            yield error_frame("unavailable", "the job store (Redis) stopped answering; reconnect to resume")
+
+
+def sse_response(frames: Iterator[str], job_id: str) -> Response:
+    """A streaming `text/event-stream` response for `frames`."""
+    headers = {**SSE_HEADERS, "X-Job-Id": job_id}
+    return Response(frames, mimetype="text/event-stream", headers=headers)
+
+
+def _run_quietly(callback: Callable[[], None]) -> None:
+    """Run a clean-up callback; a failure is logged, never raised into the server's close()."""
+    try:
+        callback()
+    except Exception:  # noqa: BLE001 - nothing can reach the departed client; log and go on
+        log.exception("clean-up after a client disconnect failed")

@@ -1,0 +1,51 @@
+"""API test fixtures: an app on an in-process fakeredis, its test client, and fake live RQ workers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import fakeredis
+import pytest
+from rq import Queue, Worker
+
+from api import create_app
+
+WEIGHTS = Path(os.environ.get("MODEL_DIR") or Path(__file__).resolve().parent.parent / "weights")
+
+
+@pytest.fixture
+def redis_client():
+    """An empty in-process Redis of its own for each test."""
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    yield client
+    client.flushall()
+
+
+@pytest.fixture
+def app_config(redis_client) -> dict:
+    """The config `app` is built with; a test may build another app from a modified copy."""
+    return {"TESTING": True, "REDIS_CLIENT": redis_client, "MODEL_DIR": str(WEIGHTS), "BACKEND_MODE": "auto",
+            "MAX_SEQ_LEN": 128, "DEFAULT_MAX_TOKENS": 32, "MAX_NEW_TOKENS_LIMIT": 64, "KEEPALIVE_S": 5.0}
+
+
+@pytest.fixture
+def app(app_config):
+    """The API app on the test's fakeredis."""
+    return create_app(app_config)
+
+
+@pytest.fixture
+def client(app):
+    """Flask's test client for `app`."""
+    return app.test_client()
+
+
+@pytest.fixture
+def live_worker(redis_client):
+    """Register a live RQ worker for a pool (as a real worker's start does); returns the rq Worker."""
+    def register(pool: str) -> Worker:
+        worker = Worker([Queue(pool, connection=redis_client)], connection=redis_client)
+        worker.register_birth()
+        return worker
+    return register
