@@ -101,3 +101,11 @@ def test_gpu_worker_refuses_to_start_without_cuda(connection, tiny_weights):
                        connection=connection, settings=settings)
     with pytest.raises(SystemExit, match="WORKER_DEVICE=cpu"):
         worker.work(burst=True)
+
+
+def test_token_events_count_positions_in_the_output(connection, tiny_weights):
+    job_ids = [enqueue(connection, tiny_weights, f"Prompt {i}", max_tokens=4, temperature=0) for i in range(3)]
+    run_worker(connection, tiny_weights)
+    for job_id in job_ids:
+        tokens = [e for e in read_backlog(connection, job_id) if e.type == "token"]
+        assert [e.data["index"] for e in tokens] == list(range(len(tokens)))

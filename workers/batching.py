@@ -154,8 +154,8 @@ class BatchingWorker(SimpleWorker):
         for update in updates:
             entry = self.running[update.sequence.id]
             if update.token is not None:
-                index = len(update.sequence.output_ids) - 1
-                events.append((entry.publisher, "token", {"token": update.token, "text": update.text, "index": index}))
+                data = {"token": update.token, "text": update.text, "index": update.index}
+                events.append((entry.publisher, "token", data))
             if update.finished and update.sequence.finish_reason != FinishReason.CANCELLED:
                 events.append((entry.publisher, "done", self.result(entry)))
                 finished.append(entry)

@@ -126,7 +126,7 @@ class Engine:
             elif len(sequence.output_ids) >= sequence.params.max_tokens or sequence.length >= self.decoder.max_seq_len:
                 sequence.finish_reason = FinishReason.LENGTH
                 text += stops.flush()
-        return Update(sequence, token, text, sequence.finished)
+        return Update(sequence, token, text, sequence.finished, len(sequence.output_ids) - 1)
 
     # -- retiring ------------------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 
@@ -67,4 +67,4 @@ class Update:
     token: int | None
     text: str = ""
     finished: bool = False
-    extra: dict = field(default_factory=dict)
+    index: int = -1  # position of `token` in the sequence's output
