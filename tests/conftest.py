@@ -49,3 +49,8 @@ def live_worker(redis_client):
         worker.register_birth()
         return worker
     return register
+
+
+# Real processes for the integration tests (session-scoped: one service for every module that uses it).
+from tests.service_fixtures import service  # noqa: E402,F401
+from tests.tiny_model import tiny_weights  # noqa: E402,F401

@@ -7,7 +7,6 @@ import threading
 import pytest
 import requests
 
-from tests.service_fixtures import service  # noqa: F401  (fixture)
 from tests.sse_client import iter_events
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]

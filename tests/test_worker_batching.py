@@ -16,7 +16,6 @@ from shared.jobs import JOB_FUNCTION, GenerationJob
 from shared.sampling import SamplingParams
 from shared.settings import Settings
 from shared.tokenizer import load_tokenizer
-from tests.tiny_model import tiny_weights  # noqa: F401  (fixture)
 from workers.cpu import CPUWorker
 from workers.gpu import GPUWorker
 

@@ -149,21 +149,20 @@ class BatchingWorker(SimpleWorker):
     # -- publishing and settling ---------------------------------------------------------------------
 
     def publish(self, updates: list[Update]) -> None:
-        """Send this step's token events in one round trip, then settle finished jobs in RQ."""
-        events, finished = [], []
+        """Send this step's token events in one round trip, then settle finished jobs.
+
+        A job is settled in RQ before its terminal event is published, so a client that has seen
+        `done` or `error` always finds the job finished, failed or canceled in RQ.
+        """
+        events = []
         for update in updates:
-            entry = self.running[update.sequence.id]
             if update.token is not None:
                 data = {"token": update.token, "text": update.text, "index": update.index}
-                events.append((entry.publisher, "token", data))
-            if update.finished and update.sequence.finish_reason != FinishReason.CANCELLED:
-                events.append((entry.publisher, "done", self.result(entry)))
-                finished.append(entry)
-            elif update.finished:
-                finished.append(entry)
+                events.append((self.running[update.sequence.id].publisher, "token", data))
         publish_many(self.connection, events)
-        for entry in finished:
-            self.settle(entry)
+        for update in updates:
+            if update.finished:
+                self.settle(self.running[update.sequence.id])
 
     def result(self, entry: RunningJob) -> dict:
         """The `done` event's data, also stored as the RQ job's result."""
@@ -177,7 +176,9 @@ class BatchingWorker(SimpleWorker):
         sequence = entry.sequence
         if sequence.finish_reason != FinishReason.CANCELLED:
             self.running.pop(entry.job.id, None)
-            self._finalize_success(entry.job, entry.queue, entry.execution, self.result(entry))
+            result = self.result(entry)
+            self._finalize_success(entry.job, entry.queue, entry.execution, result)
+            entry.publisher.publish("done", result)
         elif entry.timed_out:
             try:
                 raise JobTimeoutException(f"job exceeded its timeout of {entry.job.timeout} s")
@@ -189,17 +190,18 @@ class BatchingWorker(SimpleWorker):
     def fail(self, entry: RunningJob, error_type: str, message: str, exc_info) -> None:
         """Publish an `error` event and mark the job failed in RQ."""
         self.running.pop(entry.job.id, None)
-        entry.publisher.publish("error", {"error": {"type": error_type, "message": message}})
         self._finalize_failure(entry.job, entry.queue, entry.execution, exc_info)
+        entry.publisher.publish("error", {"error": {"type": error_type, "message": message}})
 
     def cancel(self, entry: RunningJob) -> None:
         """Publish a `cancelled` error event and move the job to RQ's canceled registry."""
         self.running.pop(entry.job.id, None)
-        entry.publisher.publish("error", {"error": {"type": "cancelled", "message": "the job was cancelled"}})
         with self.connection.pipeline() as pipeline:
             self.cleanup_execution(entry.job, pipeline=pipeline, execution=entry.execution)
             pipeline.execute()
-        entry.job.cancel()
+        if not entry.job.is_canceled:  # DELETE may have cancelled it in RQ already
+            entry.job.cancel()
+        entry.publisher.publish("error", {"error": {"type": "cancelled", "message": "the job was cancelled"}})
 
     def keep_heartbeats(self) -> None:
         """Refresh the worker's and every running job's heartbeat every few seconds."""
