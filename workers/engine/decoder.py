@@ -38,10 +38,18 @@ class Decoder:
         self.model = model
         config = model.config
         self.max_seq_len = min(self.max_seq_len, config.max_position_embeddings)
-        self.cache = KVCache(
-            num_layers=config.num_layers, max_slots=self.max_batch_size, num_kv_heads=config.num_kv_heads,
-            head_dim=config.head_dim, max_len=self.max_seq_len, dtype=self.dtype, device=self.device,
-            static=self.static_cache,
+        self.cache = self.new_cache(self.max_batch_size)
+
+    def new_cache(self, slots: int, max_len: int | None = None, static: bool | None = None) -> KVCache:
+        """A KV cache of `slots` slots in this decoder's dtype and device, apart from the running batch's.
+
+        Beam search and candidate scoring run on such a private cache, so they never disturb slots 0..B-1.
+        """
+        config = self.config
+        return KVCache(
+            num_layers=config.num_layers, max_slots=slots, num_kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim, max_len=max_len or self.max_seq_len, dtype=self.dtype, device=self.device,
+            static=self.static_cache if static is None else static,
         )
 
     def _tokens(self, rows: list[list[int]]) -> torch.Tensor:
@@ -50,6 +58,14 @@ class Decoder:
     def prefill(self, slot: int, tokens: list[int], start: int = 0) -> torch.Tensor:
         """Feed prompt tokens at positions `start..` of `slot`; logits `[vocab]` after the last one."""
         return self.model(self._tokens([tokens]), self.cache, slice(slot, slot + 1), [start])[0]
+
+    def prefill_many(self, first_slot: int, prompts: list[list[int]]) -> torch.Tensor:
+        """Prefill whole prompts into slots `first_slot..` in one padded pass; logits `[B, vocab]`."""
+        width = max(len(p) for p in prompts)
+        rows = [p + [0] * (width - len(p)) for p in prompts]
+        slots = slice(first_slot, first_slot + len(prompts))
+        return self.model(self._tokens(rows), self.cache, slots, [0] * len(prompts),
+                          lengths=[len(p) for p in prompts])
 
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One step for the sequences in slots 0..B-1: token b goes at `positions[b]`; logits `[B, vocab]`."""

@@ -56,9 +56,11 @@ class Engine:
         """Whether a new sequence could start soon: a slot is free and nobody is already waiting for one."""
         return not self.waiting and len(self.active) < self.decoder.max_batch_size
 
-    def _can_admit(self, sequence: Sequence) -> bool:
-        return (len(self.running) < self.decoder.max_batch_size
-                and self.tokens_in_flight() + sequence.reserved_tokens <= self.max_tokens_in_flight)
+    def _can_admit(self, sequence: Sequence, joining: list[Sequence]) -> bool:
+        """Whether `sequence` fits beside the running ones and those `joining` in this step."""
+        reserved = self.tokens_in_flight() + sum(s.reserved_tokens for s in joining) + sequence.reserved_tokens
+        return (len(self.running) + len(joining) < self.decoder.max_batch_size
+                and reserved <= self.max_tokens_in_flight)
 
     def add(self, sequence: Sequence) -> None:
         """Queue a sequence; it is admitted at a following step."""
@@ -82,9 +84,11 @@ class Engine:
     def step(self) -> list[Update]:
         """Advance every sequence by at most one token; return what happened to each."""
         updates = self._retire_cancelled()
-        if self.prefilling is None and self.waiting and self._can_admit(self.waiting[0]):
-            self.prefilling = self.waiting.popleft()
-            self.prefilling.slot = len(self.running)
+        if self.prefilling is None:
+            group = self._admit()
+            if group:
+                updates.extend(self._prefill_group(group))
+                self._retire_finished()
         if self.prefilling is not None:
             updates.extend(self._prefill_chunk())
             self._retire_finished()
@@ -92,6 +96,36 @@ class Engine:
             updates.extend(self._decode())
             self._retire_finished()
         return updates
+
+    def _admit(self) -> list[Sequence]:
+        """Take waiting sequences whose prompts fit this step's prefill budget, to prefill together.
+
+        A prompt longer than the budget is admitted alone and prefilled chunk by chunk over several steps.
+        """
+        group: list[Sequence] = []
+        budget = self.prefill_chunk
+        while self.waiting and self._can_admit(self.waiting[0], group):
+            prompt_length = len(self.waiting[0].prompt_ids)
+            if prompt_length > self.prefill_chunk:
+                if not group:
+                    self.prefilling = self.waiting.popleft()
+                    self.prefilling.slot = len(self.running)
+                break
+            if prompt_length > budget:
+                break
+            budget -= prompt_length
+            group.append(self.waiting.popleft())
+        return group
+
+    def _prefill_group(self, group: list[Sequence]) -> list[Update]:
+        """Prefill short prompts in one padded pass; they join the running batch at once."""
+        first = len(self.running)
+        logits = self.decoder.prefill_many(first, [s.prompt_ids for s in group])
+        for offset, sequence in enumerate(group):
+            sequence.slot, sequence.prefilled = first + offset, len(sequence.prompt_ids)
+            self.running.append(sequence)
+        tokens = sample(logits, [s.sampling for s in group])
+        return [self._accept(sequence, token) for sequence, token in zip(group, tokens)]
 
     def _prefill_chunk(self) -> list[Update]:
         sequence = self.prefilling

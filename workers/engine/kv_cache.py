@@ -27,6 +27,7 @@ class KVCache:
         """Tokens each slot can hold before the cache must grow."""
         return self.keys[0].shape[2]
 
+    @torch.inference_mode()
     def reserve(self, length: int) -> None:
         """Make room for `length` tokens per slot, doubling capacity (the copy is rare)."""
         if length > self.max_len:
@@ -50,6 +51,7 @@ class KVCache:
         """Views `[B, kv_heads, length, head_dim]` of the slots' first `length` positions."""
         return self.keys[layer][slots, :, :length], self.values[layer][slots, :, :length]
 
+    @torch.inference_mode()
     def copy_slot(self, source: int, target: int, length: int) -> None:
         """Copy the first `length` positions of one slot into another (compaction, beam forks)."""
         if source == target or length == 0:

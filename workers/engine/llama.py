@@ -92,7 +92,36 @@ class StepInputs:
     positions: torch.Tensor  # [B, T] position of each token
     slots: slice
     length: int
-    row_lengths: list[int] | None = None  # set: attend row by row over exactly each row's own keys
+    spans: list[tuple[int, int]] | None = None  # set: attend row by row; (start, real tokens) per row
+    row_masks: list[torch.Tensor | None] | None = None  # causal mask of each row's own span
+
+
+def causal_mask(start: int, steps: int, device) -> torch.Tensor | None:
+    """Additive mask `[steps, start + steps]` letting query t see keys up to start + t (None for one query)."""
+    if steps == 1:
+        return None
+    visible = torch.arange(start + steps, device=device)[None, :] <= start + torch.arange(steps, device=device)[:, None]
+    return torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf"))
+
+
+def attend_rows(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: StepInputs) -> torch.Tensor:
+    """Attention computed row by row over exactly each row's own keys and queries.
+
+    Padding a row's keys to the batch's longest changes the kernel's summation order; INT8 activations
+    amplify such differences into other tokens, so the INT8 decoder never lets a row see padding.
+    """
+    # q: [B, heads, T, head_dim]; keys/values: [B, kv_heads, length, head_dim]
+    rows = []
+    for b, ((start, steps), mask) in enumerate(zip(step.spans, step.row_masks)):
+        end = start + steps
+        rows.append(F.scaled_dot_product_attention(q[b: b + 1, :, :steps], keys[b: b + 1, :, :end],
+                                                   values[b: b + 1, :, :end], attn_mask=mask, enable_gqa=True))
+    if all(row.shape[2] == q.shape[2] for row in rows):
+        return torch.cat(rows)
+    out = q.new_zeros(q.shape)  # padded prefill: rows shorter than T leave zeros (their outputs are unused)
+    for b, row in enumerate(rows):
+        out[b: b + 1, :, : row.shape[2]] = row
+    return out
 
 
 def apply_rotary(x: torch.Tensor, step: StepInputs) -> torch.Tensor:
@@ -123,13 +152,10 @@ class Attention(nn.Module):
         cache.write(self.layer_index, step.slots, step.rows, step.positions, k, v)
         keys, values = cache.read(self.layer_index, step.slots, step.length)  # [B, kv_heads, length, head_dim]
         q = q.transpose(1, 2)  # [B, heads, T, head_dim]
-        if step.row_lengths is None:
+        if step.spans is None:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=True)
-        else:  # padding changes the kernel's summation order; INT8 would amplify that into other tokens
-            out = torch.cat([
-                F.scaled_dot_product_attention(q[b: b + 1], keys[b: b + 1, :, :n], values[b: b + 1, :, :n],
-                                               enable_gqa=True)
-                for b, n in enumerate(step.row_lengths)])
+        else:
+            out = attend_rows(q, keys, values, step)
         return self.o_proj(out.transpose(1, 2).reshape(batch, steps, q_size))
 
 
@@ -171,40 +197,48 @@ class LlamaModel(nn.Module):
         self.register_buffer("inv_freq", inverse_frequencies, persistent=False)
 
     exact_rows = False
-    """When True, decode steps attend row by row, so a row's result never depends on its batch."""
+    """When True, attention runs row by row, so a row's result never depends on its batch (INT8)."""
 
-    def step_inputs(self, starts: list[int], steps: int, slots: slice, device) -> StepInputs:
-        """Rotary tables, attention mask and cache indices for tokens at `starts[b]..starts[b]+steps-1`."""
+    def step_inputs(self, starts: list[int], lengths: list[int], steps: int, slots: slice, device) -> StepInputs:
+        """Rotary tables, masks and cache indices for row b's tokens at `starts[b]..starts[b]+lengths[b]-1`.
+
+        Rows shorter than `steps` are padding at the end; their extra positions are written to the cache
+        but never read: a row's later tokens overwrite them and attention stops at each row's length.
+        """
         length = max(starts) + steps
         positions = torch.tensor(starts, device=device)[:, None] + torch.arange(steps, device=device)
         freqs = positions[..., None].float() * self.inv_freq.float()  # [B, T, head_dim / 2]
         cos, sin = freqs.cos() * self.rope_scaling, freqs.sin() * self.rope_scaling
         cos = torch.cat((cos, cos), dim=-1)[:, :, None, :]
         sin_signed = torch.cat((-sin, sin), dim=-1)[:, :, None, :]
-        mask, row_lengths = None, None
-        if steps == 1 and self.exact_rows and len(starts) > 1:
-            row_lengths = [start + 1 for start in starts]
+        rows = torch.arange(len(starts), device=device)[:, None]
+        step = StepInputs(cos, sin_signed, None, rows, positions, slots, length)
+        if self.exact_rows:
+            step.spans = list(zip(starts, lengths))
+            step.row_masks = [causal_mask(start, n, device) for start, n in step.spans]
         elif steps > 1 or min(starts) != max(starts):  # some query must not see some key
             visible = torch.arange(length, device=device)[None, None, :] <= positions[:, :, None]
-            mask = torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf"))[:, None]
-        rows = torch.arange(len(starts), device=device)[:, None]
-        return StepInputs(cos, sin_signed, mask, rows, positions, slots, length, row_lengths)
+            step.mask = torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf"))[:, None]
+        return step
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, slots: slice, starts: list[int],
-                last_only: bool = True) -> torch.Tensor:
-        """Logits for `tokens` `[B, T]` placed at positions `starts[b]..starts[b]+T-1` of slots `slots`.
+                last_only: bool = True, lengths: list[int] | None = None) -> torch.Tensor:
+        """Logits for `tokens` `[B, T]` placed at positions `starts[b]..` of slots `slots`.
 
-        Returns `[B, vocab]` for the last position of each row, or `[B, T, vocab]` with `last_only=False`.
+        `lengths[b]` (default T) counts row b's real tokens; the rest of the row is padding.
+        Returns `[B, vocab]` for the last real token of each row, or `[B, T, vocab]` with `last_only=False`.
         """
         batch, steps = tokens.shape
-        step = self.step_inputs(starts, steps, slots, tokens.device)
+        lengths = lengths or [steps] * batch
+        step = self.step_inputs(starts, lengths, steps, slots, tokens.device)
         cache.reserve(step.length)
         x = self.embed_tokens(tokens)
         for layer in self.layers:
             x = layer(x, step, cache)
-        x = self.norm(x[:, -1] if last_only else x)
-        return self.lm_head(x).float()
+        if last_only:
+            x = x[:, -1] if min(lengths) == steps else x[torch.arange(batch), torch.tensor(lengths) - 1]
+        return self.lm_head(self.norm(x)).float()
 
 
 def build_model(config: LlamaConfig, state: dict[str, torch.Tensor], linear_factory=None) -> LlamaModel:
