@@ -108,3 +108,26 @@ def test_token_events_count_positions_in_the_output(connection, tiny_weights):
     for job_id in job_ids:
         tokens = [e for e in read_backlog(connection, job_id) if e.type == "token"]
         assert [e.data["index"] for e in tokens] == list(range(len(tokens)))
+
+
+def test_a_sequence_beyond_the_token_budget_waits_until_room_frees(tiny_weights):
+    from workers.cpu.decoder import INT8Decoder
+    from workers.engine.engine import Engine
+    from workers.engine.sequence import Sequence
+
+    tokenizer = load_tokenizer(str(tiny_weights))
+    decoder = INT8Decoder(max_batch_size=4, max_seq_len=256).load_quantized_weights(tiny_weights / "int8")
+    engine = Engine(decoder, tokenizer.backend, [], max_tokens_in_flight=60)
+    params = SamplingParams(max_tokens=40, temperature=0)
+    first, second = (Sequence(name, tokenizer.encode("Budget test prompt"), params, tokenizer.backend)
+                     for name in ("first", "second"))
+    engine.add(first)
+    engine.add(second)
+    engine.step()
+    assert engine.active == [first] and list(engine.waiting) == [second]
+    while not first.finished:
+        engine.step()
+        assert not second.output_ids
+    while not second.finished:
+        engine.step()
+    assert second.output_ids == first.output_ids
