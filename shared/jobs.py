@@ -19,6 +19,8 @@ class JobKind(str, enum.Enum):
     """What the worker should do with the prompt."""
 
     GENERATE = "generate"
+    BEAM = "beam"  # beam search, rerank, stream the winner; extra: beam_width, length_penalty, use_rerank, context
+    SCORE = "score"  # score given candidates (no generation); extra: candidates, context, length_penalty
 
 
 @dataclass(frozen=True, slots=True)

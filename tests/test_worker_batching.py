@@ -131,3 +131,29 @@ def test_a_sequence_beyond_the_token_budget_waits_until_room_frees(tiny_weights)
     while not second.finished:
         engine.step()
     assert second.output_ids == first.output_ids
+
+
+def test_a_beam_job_streams_candidates_then_the_best_beam(connection, tiny_weights):
+    from shared.jobs import JobKind
+    from workers.cpu.decoder import INT8Decoder
+    from workers.engine.beam import beam_search
+
+    tokenizer = load_tokenizer(str(tiny_weights))
+    prompt_ids = tokenizer.encode("Once upon a time")
+    job_id = uuid.uuid4().hex
+    job = GenerationJob(job_id, prompt_ids, SamplingParams(max_tokens=6, temperature=0), kind=JobKind.BEAM,
+                        extra={"beam_width": 3, "use_rerank": False, "context": "Once upon a time"})
+    Queue("cpu", connection=connection, serializer=JSONSerializer).enqueue(
+        JOB_FUNCTION, kwargs={"payload": job.to_dict()}, job_id=job_id)
+    generation = enqueue(connection, tiny_weights, "A stream beside the beam search", max_tokens=8)
+    run_worker(connection, tiny_weights)
+    events = read_backlog(connection, job_id)
+    assert [e.type for e in events] == ["candidates"] + ["token"] * (len(events) - 2) + ["done"]
+    candidates, done = events[0].data["candidates"], events[-1].data
+    assert len(candidates) == 3 and done["winner"] == 0
+    assert "".join(e.data["text"] for e in events[1:-1]) == done["output_text"] == candidates[0]["text"]
+    decoder = INT8Decoder(max_batch_size=4, max_seq_len=256).load_quantized_weights(tiny_weights / "int8")
+    expected = beam_search(decoder, prompt_ids, 3, 6, 1.0, tokenizer.eos_token_ids)
+    assert done["output_ids"] == expected[0].token_ids
+    assert [c["beam_score"] for c in candidates] == pytest.approx([c.score for c in expected])
+    assert read_backlog(connection, generation)[-1].type == "done"  # the batch ran beside it

@@ -24,13 +24,20 @@ from rq.worker import SimpleWorker, WorkerStatus
 
 from shared.exceptions import ConfigurationError
 from shared.events import EventPublisher, cancel_key, publish_many
-from shared.jobs import GenerationJob
+from shared.jobs import GenerationJob, JobKind
 from shared.model_files import force_offline
 from shared.settings import Settings
 from shared.tokenizer import load_tokenizer
 from workers.engine.decoder import Decoder
 from workers.engine.engine import Engine
 from workers.engine.sequence import FinishReason, Sequence, Update
+from workers.tasks import BeamTask, ScoreTask
+
+SIDE_TASKS = {JobKind.BEAM: BeamTask, JobKind.SCORE: ScoreTask}
+"""Job kinds run beside the batch, each on a private cache, one step per loop iteration."""
+
+MAX_SIDE_TASKS = 2
+"""Beam searches and scoring jobs a worker runs at once (each holds a cache of its own)."""
 
 HEARTBEAT_INTERVAL_S = 5.0
 """How often running jobs and the worker refresh their RQ heartbeats while the batch is busy."""
@@ -44,9 +51,10 @@ class RunningJob:
     queue: Queue
     execution: Execution
     publisher: EventPublisher
-    sequence: Sequence
+    sequence: Sequence | None
     started: float
     timed_out: bool = False
+    task: BeamTask | ScoreTask | None = None  # jobs that run beside the batch instead of in it
 
 
 class BatchingWorker(SimpleWorker):
@@ -88,11 +96,13 @@ class BatchingWorker(SimpleWorker):
         """Run `job` and every job that joins it until the batch is empty."""
         self.admit(job, queue)
         try:
-            while self.engine.has_work:
+            while self.engine.has_work or self.side_tasks():
                 if not self._stop_requested:
                     self.admit_queued_jobs()
                 self.check_cancellations()
-                self.publish(self.engine.step())
+                if self.engine.has_work:
+                    self.publish(self.engine.step())
+                self.step_side_tasks()
                 self.keep_heartbeats()
         except Exception:  # a bug in a step must not strand clients: fail what is running, keep serving
             self.log.exception("Worker %s: batch step failed", self.name)
@@ -106,7 +116,7 @@ class BatchingWorker(SimpleWorker):
 
     def admit_queued_jobs(self) -> None:
         """Take queued jobs without blocking while the batch has a free slot."""
-        while self.engine.wants_more():
+        while self.engine.wants_more() and len(self.side_tasks()) < MAX_SIDE_TASKS:
             result = self.queue_class.dequeue_any(
                 self._ordered_queues, None, connection=self.connection, job_class=self.job_class,
                 serializer=self.serializer, death_penalty_class=self.death_penalty_class)
@@ -123,8 +133,12 @@ class BatchingWorker(SimpleWorker):
         entry = RunningJob(job, queue, execution, publisher, sequence=None, started=time.monotonic())
         try:
             payload = GenerationJob.from_dict(job.kwargs["payload"])
-            entry.sequence = Sequence(job.id, payload.prompt_ids, payload.sampling, self.engine.tokenizer)
-            self.engine.add(entry.sequence)
+            if payload.kind in SIDE_TASKS:
+                entry.task = SIDE_TASKS[payload.kind](payload, self.engine.decoder, self.engine.tokenizer,
+                                                      self.engine.eos_token_ids)
+            else:
+                entry.sequence = Sequence(job.id, payload.prompt_ids, payload.sampling, self.engine.tokenizer)
+                self.engine.add(entry.sequence)
         except (KeyError, TypeError, ValueError) as exc:
             self.fail(entry, "invalid_job", str(exc), sys.exc_info())
             return
@@ -140,11 +154,16 @@ class BatchingWorker(SimpleWorker):
         for job_id, flag in zip(ids, flags):
             entry = self.running[job_id]
             timeout = entry.job.timeout
-            if timeout and timeout > 0 and clock - entry.started > timeout:
-                entry.timed_out = True
-                self.engine.cancel(job_id)
-            elif flag is not None:
-                self.engine.cancel(job_id)
+            timed_out = bool(timeout and timeout > 0 and clock - entry.started > timeout)
+            if not (timed_out or flag is not None):
+                continue
+            entry.timed_out = timed_out
+            if entry.task is None:
+                self.engine.cancel(job_id)  # ends at the next step, through settle()
+            elif timed_out:
+                self.fail_timed_out(entry)
+            else:
+                self.cancel(entry)
 
     # -- publishing and settling ---------------------------------------------------------------------
 
@@ -164,6 +183,25 @@ class BatchingWorker(SimpleWorker):
             if update.finished:
                 self.settle(self.running[update.sequence.id])
 
+    def side_tasks(self) -> list[RunningJob]:
+        """Running jobs that are side tasks (beam search, scoring)."""
+        return [entry for entry in self.running.values() if entry.task is not None]
+
+    def step_side_tasks(self) -> None:
+        """One step of each side task; publish what it produced and settle it when it is over."""
+        for entry in self.side_tasks():
+            try:
+                events, finished = entry.task.step()
+            except ValueError as exc:
+                self.fail(entry, "invalid_job", str(exc), sys.exc_info())
+                continue
+            publish_many(self.connection, [(entry.publisher, kind, data) for kind, data in events if kind != "done"])
+            if finished:
+                result = next(data for kind, data in events if kind == "done")
+                self.running.pop(entry.job.id, None)
+                self._finalize_success(entry.job, entry.queue, entry.execution, result)
+                entry.publisher.publish("done", result)
+
     def result(self, entry: RunningJob) -> dict:
         """The `done` event's data, also stored as the RQ job's result."""
         sequence = entry.sequence
@@ -180,12 +218,16 @@ class BatchingWorker(SimpleWorker):
             self._finalize_success(entry.job, entry.queue, entry.execution, result)
             entry.publisher.publish("done", result)
         elif entry.timed_out:
-            try:
-                raise JobTimeoutException(f"job exceeded its timeout of {entry.job.timeout} s")
-            except JobTimeoutException as exc:
-                self.fail(entry, "timeout", str(exc), sys.exc_info())
+            self.fail_timed_out(entry)
         else:
             self.cancel(entry)
+
+    def fail_timed_out(self, entry: RunningJob) -> None:
+        """Fail a job that ran past its RQ timeout, as RQ's own death penalty would."""
+        try:
+            raise JobTimeoutException(f"job exceeded its timeout of {entry.job.timeout} s")
+        except JobTimeoutException as exc:
+            self.fail(entry, "timeout", str(exc), sys.exc_info())
 
     def fail(self, entry: RunningJob, error_type: str, message: str, exc_info) -> None:
         """Publish an `error` event and mark the job failed in RQ."""
