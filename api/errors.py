@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
-from flask import Flask, Response, current_app, jsonify
+from flask import Flask, Response, current_app, jsonify, request
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from werkzeug.exceptions import HTTPException
@@ -20,29 +21,50 @@ JOB_ERROR_STATUS = {"cancelled": 409, "invalid_job": 422, "job_lost": 502, "time
 `invalid_job`: the worker could not run the job as given (say, longer than its own context limit)."""
 
 
+ERROR_FORMATS_KEY = "error_formats"
+"""`app.extensions` entry: URL prefix -> function giving errors under it another shape (OpenAI's for /v1/)."""
+
+
 def init_app(app: Flask) -> None:
     """Register the handler for every exception, HTTP ones (404, 405, 413...) included."""
+    app.extensions[ERROR_FORMATS_KEY] = {}
     app.register_error_handler(Exception, handle_error)
 
 
+def register_format(app: Flask, prefix: str, reshape: Callable[[dict, int], dict]) -> None:
+    """Errors of requests under `prefix` get `reshape(native_body, status)` as their body."""
+    app.extensions[ERROR_FORMATS_KEY][prefix] = reshape
+
+
 def handle_error(error: Exception) -> tuple[Response, int]:
-    """Turn any exception into the service's JSON error shape with a fitting status."""
+    """Turn any exception into the service's JSON error shape (or its prefix's shape) with a fitting status."""
+    body, status, headers = error_body(error)
+    for prefix, reshape in current_app.extensions.get(ERROR_FORMATS_KEY, {}).items():
+        if request.path.startswith(prefix):
+            body = reshape(body, status)
+            break
+    response = jsonify(body)
+    response.headers.extend(headers)
+    return response, status
+
+
+def error_body(error: Exception) -> tuple[dict, int, list[tuple[str, str]]]:
+    """The native `{"error": {...}}` body, the status and extra headers for any exception."""
     if isinstance(error, HTTPException):
         body = {"error": {"type": _snake_case(error.name), "message": error.description}}
-        response = jsonify(body)
-        # Keep headers such as `Allow` on a 405; jsonify already set the content type.
-        response.headers.extend((k, v) for k, v in error.get_headers() if k.lower() != "content-type")
-        return response, error.code or 500
+        # Keep headers such as `Allow` on a 405; jsonify sets the content type.
+        headers = [(k, v) for k, v in error.get_headers() if k.lower() != "content-type"]
+        return body, error.code or 500, headers
     if isinstance(error, REDIS_DOWN):
         current_app.logger.warning("redis unavailable: %s", error)
         error = UnavailableError("the job store (Redis) does not answer; try again shortly")
     if isinstance(error, ServiceError):
-        return jsonify(error.to_dict()), error.status
+        return error.to_dict(), error.status, []
     if isinstance(error, ConfigurationError):
         current_app.logger.error("configuration error: %s", error)
-        return jsonify({"error": {"type": "configuration_error", "message": str(error)}}), 500
+        return {"error": {"type": "configuration_error", "message": str(error)}}, 500, []
     current_app.logger.exception("unhandled error")
-    return jsonify({"error": {"type": "internal_error", "message": "internal server error"}}), 500
+    return {"error": {"type": "internal_error", "message": "internal server error"}}, 500, []
 
 
 def error_from_event(data: dict) -> ServiceError:

@@ -2,75 +2,70 @@
 
 from __future__ import annotations
 
-import uuid
-from contextlib import closing
-
 from flask import Blueprint, Response, jsonify, request
 
-from api.errors import error_from_event
-from api.extensions import get_redis, get_settings, get_tokenizer
-from api.job_state import follow_job, request_cancel
-from api.routing import choose_backend, submit
-from api.sse import relay, sse_response
+from api import pipeline
+from api.extensions import get_settings, get_tokenizer
+from api.openapi import Reply, json_reply, operation, sse_media
+from api.schemas import DoneEvent, ErrorBody, GenerationBody, GenerationResult, TokenEvent
 from api.validation import GenerationRequest, parse_generation_request, read_json_object
 from shared.jobs import GenerationJob
 
 bp = Blueprint("generation", __name__)
 
+GENERATION_ERRORS = {
+    400: "A field is missing, of the wrong type or out of range (`field` names it), or the prompt does not fit "
+         "the context (`context_length_exceeded`).",
+    413: "The body is larger than 1 MiB.",
+    503: "No live worker in the pool the request needs (or Redis does not answer).",
+}
+"""Error answers every generation route may give before the job starts."""
+
+STREAM_EXAMPLE = ('id: 1\nevent: token\ndata: {"token":19556,"text":"Hello","index":0}\n\n'
+                  'id: 2\nevent: done\ndata: {"job_id":"0f3c...","output_text":"Hello","output_ids":[19556],'
+                  '"finish_reason":"length","usage":{"prompt_tokens":5,"completion_tokens":1}}\n\n')
+
+JOB_EVENTS = {"token": TokenEvent, "done": DoneEvent, "error": ErrorBody}
+"""The events of a job's stream and the shape of their `data:`."""
+
+STREAM_DESCRIPTION = ("Server-sent events: `token` events with increasing `id:`, then one `done` or `error` event "
+                      "(see `x-events` for the JSON of each `data:` line). Comment lines (`: keep-alive`) "
+                      "come during silences.")
+
+X_JOB_ID = {"X-Job-Id": "The job's id: for /jobs/<id>, DELETE /jobs/<id> and resuming the stream."}
+
 
 def start_job() -> tuple[GenerationRequest, GenerationJob]:
     """Validate the request body, pick a pool with a live worker and enqueue the job there."""
-    settings, connection = get_settings(), get_redis()
-    parsed = parse_generation_request(read_json_object(request.get_data()), settings, get_tokenizer)
-    backend = choose_backend(connection, parsed.backend)
-    job = GenerationJob(job_id=uuid.uuid4().hex, prompt_ids=parsed.prompt_ids, sampling=parsed.sampling,
-                        backend=backend)
-    submit(connection, job, settings)
-    return parsed, job
+    parsed = parse_generation_request(read_json_object(request.get_data()), get_settings(), get_tokenizer)
+    return parsed, pipeline.enqueue(parsed.prompt_ids, parsed.sampling, parsed.backend)
 
 
 @bp.post("/generate")
+@operation("Generate text, answered in one piece", tag="generation", body=GenerationBody,
+           responses={200: json_reply("The whole output.", GenerationResult)},
+           errors={**GENERATION_ERRORS, 409: "The job was cancelled (DELETE /jobs/<id>).",
+                   502: "The job was lost (its worker died).", 504: "The job ran past JOB_TIMEOUT_S."})
 def generate():
     """Run a job to the end and answer with the whole output (built from the same events /stream relays)."""
     parsed, job = start_job()
-    tokens: list[int] = []
-    texts: list[str] = []
-    with closing(follow_job(get_redis(), job.job_id, get_settings())) as events:
-        for event in events:
-            if event is None:  # a keep-alive: nothing to send on a plain JSON response
-                continue
-            if event.type == "token":
-                tokens.append(event.data["token"])
-                texts.append(event.data.get("text", ""))
-            elif event.type == "error":
-                raise error_from_event(event.data)
-            elif event.type == "done":
-                return jsonify(generation_result(parsed, job, event.data, tokens, "".join(texts)))
-    raise error_from_event({"error": {"type": "job_lost", "message": "the job's stream ended without a result"}})
+    output = pipeline.collect(job)
+    return jsonify(generation_result(parsed, job, output))
 
 
-def generation_result(parsed: GenerationRequest, job: GenerationJob, done: dict, tokens: list[int],
-                      text: str) -> dict:
+def generation_result(parsed: GenerationRequest, job: GenerationJob, output: pipeline.JobOutput) -> dict:
     """The /generate answer; fields missing from the `done` event are rebuilt from the token events."""
-    output_ids = done.get("output_ids", tokens)
-    usage = done.get("usage") or {}
-    return {
-        "job_id": job.job_id,
-        "input": parsed.prompt,
-        "output_ids": output_ids,
-        "output_text": done.get("output_text", text),
-        "finish_reason": done.get("finish_reason"),
-        "usage": {"prompt_tokens": usage.get("prompt_tokens", len(parsed.prompt_ids)),
-                  "completion_tokens": usage.get("completion_tokens", len(output_ids))},
-        "backend": job.backend,
-    }
+    return GenerationResult(job_id=job.job_id, input=parsed.prompt, output_ids=output.output_ids,
+                            output_text=output.output_text, finish_reason=output.done.get("finish_reason"),
+                            usage=output.usage(len(parsed.prompt_ids)), backend=job.backend).model_dump()
 
 
 @bp.post("/stream")
+@operation("Generate text, streamed token by token (SSE)", tag="generation", body=GenerationBody,
+           responses={200: Reply("The job's events as they happen.", (
+               sse_media(JOB_EVENTS, STREAM_DESCRIPTION, STREAM_EXAMPLE),), X_JOB_ID)},
+           errors=GENERATION_ERRORS)
 def stream() -> Response:
     """Run a job and relay its events as SSE; a client that leaves early cancels the job."""
     _, job = start_job()
-    connection, settings = get_redis(), get_settings()
-    frames = relay(follow_job(connection, job.job_id, settings),
-                   on_disconnect=lambda: request_cancel(connection, job.job_id, settings))
-    return sse_response(frames, job.job_id)
+    return pipeline.stream(job)

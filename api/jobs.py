@@ -5,20 +5,35 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify, request
 
 from api.extensions import get_redis, get_settings
+from api.generation import JOB_EVENTS, STREAM_DESCRIPTION, STREAM_EXAMPLE, X_JOB_ID
 from api.job_state import describe, follow_job, last_event, request_cancel, require_known
+from api.openapi import Param, Reply, json_reply, operation, sse_media
+from api.schemas import CancelResult, JobStatus
 from api.sse import relay, sse_response
 from shared.exceptions import ValidationError
 
 bp = Blueprint("jobs", __name__, url_prefix="/jobs")
 
 
+NOT_FOUND = {404: "No job with this id (never enqueued, or expired after BACKLOG_TTL_S)."}
+
+
 @bp.get("/<job_id>")
+@operation("A job's status, and its result once done", tag="jobs",
+           responses={200: json_reply("RQ's status of the job.", JobStatus)}, errors=NOT_FOUND)
 def status(job_id: str):
     """RQ's status of the job, and its result (or error) once it has ended."""
     return jsonify(describe(get_redis(), job_id))
 
 
 @bp.get("/<job_id>/stream")
+@operation("Resume a job's event stream", tag="jobs",
+           params=(Param("Last-Event-ID", "header", "Id of the last event seen; the replay starts after it."),
+                   Param("last_event_id", "query", "The same, for clients that cannot set headers.")),
+           responses={200: Reply("The events after Last-Event-ID, then the live ones.", (
+               sse_media(JOB_EVENTS, STREAM_DESCRIPTION, STREAM_EXAMPLE),), X_JOB_ID),
+               204: Reply("The client has seen the job's last event already.")},
+           errors={400: "Last-Event-ID is not a non-negative integer.", **NOT_FOUND})
 def resume(job_id: str) -> Response:
     """Replay the events after `Last-Event-ID` (header, or `?last_event_id=`), then follow live.
 
@@ -36,6 +51,9 @@ def resume(job_id: str) -> Response:
 
 
 @bp.delete("/<job_id>")
+@operation("Cancel a job", tag="jobs", responses={
+    200: json_reply("`cancelled` (it was still queued), or `finished`/`failed` (it had ended).", CancelResult),
+    202: json_reply("`cancelling`: its worker stops it before the next token.", CancelResult)}, errors=NOT_FOUND)
 def cancel(job_id: str):
     """Cancel a job: 200 `cancelled` while still queued, 202 `cancelling` once a worker has it."""
     connection = get_redis()

@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import closing
+from typing import Protocol
 
 from flask import Response
 
@@ -33,12 +34,36 @@ def error_frame(error_type: str, message: str) -> str:
     return f"event: error\ndata: {data}\n\n"
 
 
-def relay(events: Iterator[Event | None], on_disconnect: Callable[[], None] | None = None) -> Iterator[str]:
+class Encoder(Protocol):
+    """How a route writes a job's events on the wire (the native frames, or OpenAI's chunks)."""
+
+    def event(self, event: Event) -> str:
+        """The frame(s) for one event of the job ("" to send nothing)."""
+
+    def failure(self, error_type: str, message: str) -> str:
+        """A terminal error frame the API makes itself (the job store stopped answering)."""
+
+
+class NativeEncoder:
+    """`id:`/`event:`/`data:` frames carrying the events as workers publish them."""
+
+    def event(self, event: Event) -> str:
+        """The event as one SSE frame."""
+        return format_event(event)
+
+    def failure(self, error_type: str, message: str) -> str:
+        """An `error` frame without an id."""
+        return error_frame(error_type, message)
+
+
+def relay(events: Iterator[Event | None], on_disconnect: Callable[[], None] | None = None,
+          encoder: Encoder | None = None) -> Iterator[str]:
     """SSE text for `events` (from `shared.events.follow`); `on_disconnect` runs if the client leaves early.
 
     The WSGI server closes this generator (GeneratorExit at a `yield`) when a write to a departed
     client fails; keep-alives make that happen within `keepalive_s` even while the job is silent.
     """
+    encoder = encoder or NativeEncoder()
     finished = False
     with closing(events):
         try:
@@ -48,14 +73,16 @@ def relay(events: Iterator[Event | None], on_disconnect: Callable[[], None] | No
                     yield KEEPALIVE
                     continue
                 finished = event.terminal
-                yield format_event(event)
+                frames = encoder.event(event)
+                if frames:
+                    yield frames
         except GeneratorExit:
             if not finished and on_disconnect is not None:
                 _run_quietly(on_disconnect)
             raise
         except REDIS_DOWN as exc:
             log.warning("stream ended, redis unavailable: %s", exc)
-            yield error_frame("unavailable", "the job store (Redis) stopped answering; reconnect to resume")
+            yield encoder.failure("unavailable", "the job store (Redis) stopped answering; reconnect to resume")
 
 
 def sse_response(frames: Iterator[str], job_id: str) -> Response:

@@ -1,4 +1,4 @@
-"""Request bodies of /generate and /stream: parsed, checked field by field, the prompt tokenized.
+"""Request bodies: JSON parsed strictly, checked against their pydantic model, prompts tokenized.
 
 Every problem is a 400 `ValidationError` naming the field. Cheap checks run first, so a malformed
 request never loads the tokenizer.
@@ -9,17 +9,20 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
+from flask import request
+from pydantic import BaseModel
+from pydantic import ValidationError as PydanticValidationError
+
+from api.schemas import GenerationBody
 from shared.exceptions import ContextLengthError, ValidationError
-from shared.sampling import SamplingParams
-from shared.settings import BACKEND_MODES, Settings
+from shared.sampling import MAX_TOKENS_LIMIT_KEY, SamplingParams
+from shared.schema_errors import validation_error
+from shared.settings import Settings
 from shared.tokenizer import TextTokenizer
 
-SAMPLING_FIELDS = frozenset({"max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop"})
-"""Body fields handed to `SamplingParams.from_dict`."""
-
-REQUEST_FIELDS = SAMPLING_FIELDS | {"prompt", "backend"}
-"""Every field a generation request may carry; anything else is refused."""
+Model = TypeVar("Model", bound=BaseModel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,52 +46,44 @@ def read_json_object(raw: bytes) -> dict:
     return body
 
 
+def parse_model(model: type[Model], body: dict, settings: Settings) -> Model:
+    """`body` validated against `model`, max_tokens capped by the settings; a ValidationError naming the field."""
+    try:
+        return model.model_validate(body, context={MAX_TOKENS_LIMIT_KEY: settings.max_new_tokens_limit})
+    except PydanticValidationError as exc:
+        raise validation_error(exc.errors(), list(model.model_fields)) from None
+
+
+def parse_request_body(model: type[Model], settings: Settings) -> Model:
+    """The current request's JSON body validated against `model`."""
+    return parse_model(model, read_json_object(request.get_data()), settings)
+
+
 def parse_generation_request(body: dict, settings: Settings,
                              tokenizer: Callable[[], TextTokenizer]) -> GenerationRequest:
     """Validate a generation body; `tokenizer` is called only once the cheap checks have passed."""
-    unknown = sorted(set(body) - REQUEST_FIELDS)
-    if unknown:
-        listed = ", ".join(repr(name) for name in unknown)
-        raise ValidationError(f"unknown field(s) {listed}; allowed: {', '.join(sorted(REQUEST_FIELDS))}",
-                              field=unknown[0])
-    prompt = _prompt(body.get("prompt"))
-    sampling_fields = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
-    sampling_fields.setdefault("max_tokens", settings.default_max_tokens)
-    sampling = SamplingParams.from_dict(sampling_fields, max_tokens_limit=settings.max_new_tokens_limit)
-    backend = _backend(body.get("backend"), settings.backend_mode)
+    fields = parse_model(GenerationBody, body, settings)
+    sampling = SamplingParams.from_fields(fields, default_max_tokens=settings.default_max_tokens)
     loaded = tokenizer()
-    prompt_ids = loaded.encode(prompt)
+    prompt_ids = loaded.encode(fields.prompt)
+    check_prompt(prompt_ids, sampling.max_tokens, loaded, settings)
+    return GenerationRequest(fields.prompt, prompt_ids, sampling, fields.backend or settings.backend_mode)
+
+
+def check_prompt(prompt_ids: list[int], max_tokens: int, tokenizer: TextTokenizer, settings: Settings,
+                 field: str = "prompt") -> None:
+    """Refuse a prompt of no tokens, or one that with the tokens asked for does not fit the context."""
     if not prompt_ids:
-        raise ValidationError("'prompt' encodes to no tokens", field="prompt")
-    check_context(len(prompt_ids), sampling.max_tokens, min(loaded.context_length, settings.max_seq_len))
-    return GenerationRequest(prompt, prompt_ids, sampling, backend)
+        raise ValidationError(f"'{field}' encodes to no tokens", field=field)
+    check_context(len(prompt_ids), max_tokens, min(tokenizer.context_length, settings.max_seq_len), field)
 
 
-def check_context(prompt_tokens: int, max_tokens: int, context: int) -> None:
+def check_context(prompt_tokens: int, max_tokens: int, context: int, field: str = "prompt") -> None:
     """Refuse a prompt that, with the tokens asked for, does not fit the context."""
     if prompt_tokens + max_tokens > context:
         raise ContextLengthError(
             f"the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: together they exceed "
-            f"the context of {context} tokens", field="prompt")
-
-
-def _prompt(value) -> str:
-    if value is None:
-        raise ValidationError("'prompt' is required", field="prompt")
-    if not isinstance(value, str):
-        raise ValidationError("'prompt' must be a string", field="prompt")
-    if value == "":
-        raise ValidationError("'prompt' must not be empty", field="prompt")
-    return value
-
-
-def _backend(value, default: str) -> str:
-    if value is None:
-        return default
-    if not isinstance(value, str) or value not in BACKEND_MODES:
-        raise ValidationError(f"'backend' must be one of {', '.join(BACKEND_MODES)}, got {value!r}",
-                              field="backend")
-    return value
+            f"the context of {context} tokens", field=field)
 
 
 def _refuse_constant(name: str):

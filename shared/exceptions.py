@@ -49,6 +49,12 @@ class NotFoundError(ServiceError):
     error_type = "not_found"
 
 
+class ModelNotFoundError(NotFoundError):
+    """A request names a model this server does not serve."""
+
+    error_type = "model_not_found"
+
+
 class UnavailableError(ServiceError):
     """A dependency (Redis) does not answer."""
 

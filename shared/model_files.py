@@ -40,3 +40,16 @@ def eos_token_ids(path: Path | str) -> list[int]:
             value = json.loads(file.read_text()).get("eos_token_id")
             ids.update(value if isinstance(value, list) else [value] if value is not None else [])
     return sorted(ids)
+
+
+MANIFEST = "prepared.json"
+"""Written by `workers.prepare_weights`: the source the folder was made from."""
+
+
+def model_name(path: Path | str) -> str:
+    """The served model's name: its source's file or folder name (`.gguf` dropped), else the folder's own."""
+    path = Path(path)
+    manifest = path / MANIFEST
+    source = json.loads(manifest.read_text()).get("source") if manifest.is_file() else None
+    name = Path(source).name if source else path.resolve().name
+    return name.removesuffix(".gguf")

@@ -1,15 +1,72 @@
-"""Sampling parameters: validated once by the API, carried in the job payload, applied by the worker."""
+"""Sampling parameters: validated once by the API, carried in the job payload, applied by the worker.
+
+`SamplingFields` (pydantic) is the one statement of what a client may ask for: it validates request
+bodies and produces their JSON Schema in the OpenAPI document. `SamplingParams` is what travels on.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Annotated
 
-from shared.exceptions import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import ValidationError as PydanticValidationError
+
+from shared.schema_errors import validation_error
 
 MAX_STOP_SEQUENCES = 4
 """As in OpenAI's API: at most four stop strings."""
 
 MAX_SEED = 2**63 - 1
+
+MaxTokens = Annotated[int, Field(ge=1, description="Tokens to generate at most; the server's MAX_NEW_TOKENS_LIMIT "
+                                                   "caps it, and prompt + max_tokens must fit the context.")]
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, description="0 is greedy decoding.")]
+TopK = Annotated[int, Field(ge=0, le=1_000_000, description="Keep the k most likely tokens; 0 keeps all.")]
+TopP = Annotated[float, Field(gt=0.0, le=1.0, description="Nucleus sampling: the smallest set of tokens "
+                                                          "whose probabilities add up to top_p.")]
+RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0, description="Above 1 discourages repeating "
+                                                                        "tokens already in the text.")]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="Makes sampling reproducible.")]
+Stop = Annotated[
+    Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
+                                                   Field(max_length=MAX_STOP_SEQUENCES)],
+    Field(description="A stop sequence or a list of at most four; generation ends before one would appear "
+                      "and the text never includes it."),
+]
+
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+"""Request models: unknown fields refused, no type coercion ("10" is not 10, true is not 1), no NaN."""
+
+MAX_TOKENS_LIMIT_KEY = "max_tokens_limit"
+"""Validation-context key carrying the server's cap on max_tokens (a setting, so not in the schema)."""
+
+
+class SamplingFields(BaseModel):
+    """The sampling fields of a request body; absent or null fields keep the server's defaults."""
+
+    model_config = STRICT
+
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = Field(None, description="0 is greedy decoding; 1.0 by default.")
+    top_k: TopK | None = None
+    top_p: TopP | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    seed: Seed | None = None
+    stop: Stop | None = None
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _within_limit(cls, value: int | None, info: ValidationInfo) -> int | None:
+        return check_max_tokens_limit(value, info)
+
+
+def check_max_tokens_limit(value: int | None, info: ValidationInfo) -> int | None:
+    """Refuse a max_tokens above the cap passed in the validation context (MAX_NEW_TOKENS_LIMIT)."""
+    limit = (info.context or {}).get(MAX_TOKENS_LIMIT_KEY)
+    if value is not None and limit is not None and value > limit:
+        raise ValueError(f"must be between 1 and {limit}, got {value}")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,53 +93,21 @@ class SamplingParams:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict, *, max_tokens_limit: int = 4096) -> SamplingParams:
-        """Validate user-supplied fields (absent or null ones keep their defaults); errors name the field."""
-        present = {key: value for key, value in data.items() if value is not None}
-        values: dict = {}
-        if "max_tokens" in present:
-            values["max_tokens"] = _integer(present, "max_tokens", 1, max_tokens_limit)
-        if "temperature" in present:
-            values["temperature"] = _number(present, "temperature", 0.0, 2.0)
-        if "top_k" in present:
-            values["top_k"] = _integer(present, "top_k", 0, 1_000_000)
-        if "top_p" in present:
-            values["top_p"] = _number(present, "top_p", 0.0, 1.0, low_open=True)
-        if "repetition_penalty" in present:
-            values["repetition_penalty"] = _number(present, "repetition_penalty", 0.0, 10.0, low_open=True)
-        if "seed" in present:
-            values["seed"] = _integer(present, "seed", 0, MAX_SEED)
-        if "stop" in present:
-            values["stop"] = _stop_sequences(present["stop"])
+    def from_fields(cls, fields: SamplingFields, *, default_max_tokens: int | None = None) -> SamplingParams:
+        """Parameters from validated request fields; the ones left out keep their defaults."""
+        values = {name: getattr(fields, name) for name in SamplingFields.model_fields
+                  if getattr(fields, name) is not None}
+        if "stop" in values:
+            values["stop"] = (values["stop"],) if isinstance(values["stop"], str) else tuple(values["stop"])
+        if default_max_tokens is not None:
+            values.setdefault("max_tokens", default_max_tokens)
         return cls(**values)
 
-
-def _integer(data: dict, name: str, low: int, high: int) -> int:
-    value = data[name]
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValidationError(f"'{name}' must be an integer", field=name)
-    if not low <= value <= high:
-        raise ValidationError(f"'{name}' must be between {low} and {high}, got {value}", field=name)
-    return value
-
-
-def _number(data: dict, name: str, low: float, high: float, *, low_open: bool = False) -> float:
-    value = data[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValidationError(f"'{name}' must be a number", field=name)
-    too_low = value <= low if low_open else value < low
-    if too_low or value > high:
-        bracket = "(" if low_open else "["
-        raise ValidationError(f"'{name}' must be in {bracket}{low}, {high}], got {value}", field=name)
-    return float(value)
-
-
-def _stop_sequences(value) -> tuple[str, ...]:
-    stops = [value] if isinstance(value, str) else value
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise ValidationError("'stop' must be a string or a list of strings", field="stop")
-    if len(stops) > MAX_STOP_SEQUENCES:
-        raise ValidationError(f"'stop' may hold at most {MAX_STOP_SEQUENCES} sequences", field="stop")
-    if any(s == "" for s in stops):
-        raise ValidationError("'stop' sequences must not be empty", field="stop")
-    return tuple(stops)
+    @classmethod
+    def from_dict(cls, data: dict, *, max_tokens_limit: int = 4096) -> SamplingParams:
+        """Validate user-supplied fields (absent or null ones keep their defaults); errors name the field."""
+        try:
+            fields = SamplingFields.model_validate(data, context={MAX_TOKENS_LIMIT_KEY: max_tokens_limit})
+        except PydanticValidationError as exc:
+            raise validation_error(exc.errors(), list(SamplingFields.model_fields)) from None
+        return cls.from_fields(fields)

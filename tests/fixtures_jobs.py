@@ -26,8 +26,10 @@ WAIT_S = 10
 
 
 def publish_generation(connection: redis.Redis, job_id: str, prompt_ids: list[int], max_tokens: int = 32,
-                       script: list[tuple[int, str]] = SCRIPT) -> None:
-    """Publish what a worker publishes for a finished job: one `token` event per token, then `done`."""
+                       script: list[tuple[int, str]] = SCRIPT, finish_reason: str | None = None) -> None:
+    """Publish what a worker publishes for a finished job: one `token` event per token, then `done`.
+
+    `finish_reason` defaults to what the script implies (`length` when cut by max_tokens, else `eos`)."""
     publisher = EventPublisher(connection, job_id, ttl_s=60)
     tokens = script[:max_tokens]
     for index, (token, text) in enumerate(tokens):
@@ -35,7 +37,7 @@ def publish_generation(connection: redis.Redis, job_id: str, prompt_ids: list[in
     publisher.publish("done", {
         "job_id": job_id, "output_text": "".join(text for _, text in tokens),
         "output_ids": [token for token, _ in tokens],
-        "finish_reason": "length" if max_tokens <= len(script) else "eos",
+        "finish_reason": finish_reason or ("length" if max_tokens <= len(script) else "eos"),
         "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": len(tokens)},
     })
 
@@ -43,11 +45,13 @@ def publish_generation(connection: redis.Redis, job_id: str, prompt_ids: list[in
 class ScriptedWorker(threading.Thread):
     """Takes the next job from `pool`'s RQ queue and runs it by publishing `SCRIPT` (or an error event)."""
 
-    def __init__(self, connection: redis.Redis, pool: str = "cpu", error: dict | None = None):
+    def __init__(self, connection: redis.Redis, pool: str = "cpu", error: dict | None = None,
+                 finish_reason: str | None = None):
         super().__init__(daemon=True)
         self.connection = connection
         self.pool = pool
         self.error = error
+        self.finish_reason = finish_reason
         self.payload: dict | None = None
         self.failure: BaseException | None = None
 
@@ -66,7 +70,7 @@ class ScriptedWorker(threading.Thread):
                 job.set_status(JobStatus.FAILED)
                 return
             publish_generation(self.connection, job.id, self.payload["prompt_ids"],
-                               self.payload["sampling"]["max_tokens"])
+                               self.payload["sampling"]["max_tokens"], finish_reason=self.finish_reason)
             job.set_status(JobStatus.FINISHED)
         except BaseException as exc:  # noqa: BLE001 - handed to the test by finish()
             self.failure = exc

@@ -74,7 +74,7 @@ class Service:
                 health = requests.get(self.url("/health"), timeout=2).json()
                 if health.get("workers", {}).get(pool, 0) >= count:
                     return
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or slow on a busy machine
                 pass
             time.sleep(0.2)
         raise TimeoutError(f"no {pool} worker registered within {STARTUP_TIMEOUT_S} s")

@@ -56,14 +56,16 @@ def rotary_inverse_frequencies(config: LlamaConfig) -> tuple[torch.Tensor, float
     rope = config.raw.get("rope_parameters") or config.raw.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     theta = rope.get("rope_theta", config.raw.get("rope_theta", 10000.0))
-    if rope_type == "default":
-        exponents = torch.arange(0, config.head_dim, 2, dtype=torch.int64).float() / config.head_dim
-        return 1.0 / (theta**exponents), 1.0
-    from transformers import AutoConfig
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    # On the CPU even inside build_model's meta-device context: transformers' formulas copy tensors.
+    with torch.device("cpu"):
+        if rope_type == "default":
+            exponents = torch.arange(0, config.head_dim, 2, dtype=torch.int64).float() / config.head_dim
+            return 1.0 / (theta**exponents), 1.0
+        from transformers import AutoConfig
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    hf_config = AutoConfig.for_model(**config.raw)
-    return ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
+        hf_config = AutoConfig.for_model(**config.raw)
+        return ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
 
 
 class RMSNorm(nn.Module):

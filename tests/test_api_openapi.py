@@ -1,0 +1,133 @@
+"""`/openapi.json` is a valid OpenAPI 3.1 document of every route, made from the models that validate the
+requests; `/docs` is Swagger UI served from installed files."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from openapi_spec_validator import OpenAPIV31SpecValidator
+
+from api.openai_schemas import ChatCompletionRequest, CompletionRequest
+from api.schemas import GenerationBody
+from api.tokenizer_routes import DetokenizeBody, TokenizeBody
+
+NOT_DOCUMENTED = {"demo.static", "openapi.swagger_asset"}
+"""Endpoints serving page assets (scripts, styles), which are not part of the API."""
+
+REF = "#/components/schemas/{model}"
+
+
+@pytest.fixture
+def document(client) -> dict:
+    response = client.get("/openapi.json")
+    assert response.status_code == 200 and response.is_json
+    return response.json
+
+
+def openapi_path(rule: str) -> str:
+    return re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule)
+
+
+def test_the_document_is_valid_openapi_3_1(document):
+    assert document["openapi"].startswith("3.1")
+    OpenAPIV31SpecValidator(document).validate()
+
+
+def test_every_route_and_method_is_documented(app, document):
+    routes = [rule for rule in app.url_map.iter_rules() if rule.endpoint not in NOT_DOCUMENTED]
+    assert len(routes) >= 14
+    for rule in routes:
+        operations = document["paths"].get(openapi_path(rule.rule))
+        assert operations is not None, f"{rule.rule} is not in /openapi.json"
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            assert method.lower() in operations, f"{method} {rule.rule} is not in /openapi.json"
+            assert operations[method.lower()]["responses"]
+
+
+@pytest.mark.parametrize(("path", "model"), [
+    ("/generate", GenerationBody), ("/stream", GenerationBody), ("/v1/completions", CompletionRequest),
+    ("/v1/chat/completions", ChatCompletionRequest), ("/tokenize", TokenizeBody), ("/detokenize", DetokenizeBody),
+])
+def test_request_bodies_are_the_validating_models_schemas(document, path, model):
+    body = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": REF.format(model=model.__name__)}
+    expected = model.model_json_schema(ref_template=REF)
+    expected.pop("$defs", None)
+    assert document["components"]["schemas"][model.__name__] == expected
+    assert expected["additionalProperties"] is False  # unknown fields are refused, and documented so
+
+
+def numeric_limits(schema: dict) -> list[tuple[str, object]]:
+    """(field, a value the schema forbids) for every bounded number or integer property."""
+    cases = []
+    for name, prop in schema["properties"].items():
+        for option in prop.get("anyOf", [prop]):
+            if option.get("type") not in ("integer", "number"):
+                continue
+            if "maximum" in option:
+                cases.append((name, option["maximum"] + 1))
+            if "minimum" in option:
+                cases.append((name, option["minimum"] - 1))
+            if "exclusiveMinimum" in option:
+                cases.append((name, option["exclusiveMinimum"]))
+    return cases
+
+
+def test_the_documented_limits_are_the_enforced_ones(client, document, live_worker):
+    live_worker("cpu")
+    cases = numeric_limits(document["components"]["schemas"]["GenerationBody"])
+    assert {name for name, _ in cases} >= {"max_tokens", "temperature", "top_k", "top_p", "seed"}
+    for name, value in cases:
+        response = client.post("/generate", json={"prompt": "hi", name: value})
+        assert response.status_code == 400, (name, value)
+        assert response.json["error"]["field"] == name
+
+
+@pytest.mark.parametrize("path", ["/stream", "/jobs/{job_id}/stream"])
+def test_sse_routes_are_event_streams_with_their_event_shapes(document, path):
+    method = "post" if path == "/stream" else "get"
+    ok = document["paths"][path][method]["responses"]["200"]
+    stream = ok["content"]["text/event-stream"]
+    assert stream["x-events"] == {"token": {"$ref": REF.format(model="TokenEvent")},
+                                  "done": {"$ref": REF.format(model="DoneEvent")},
+                                  "error": {"$ref": REF.format(model="ErrorBody")}}
+    assert "event: token" in stream["example"]
+    assert "X-Job-Id" in ok["headers"]
+
+
+@pytest.mark.parametrize(("path", "answer", "chunk"), [
+    ("/v1/completions", "Completion", "Completion"),
+    ("/v1/chat/completions", "ChatCompletion", "ChatCompletionChunk"),
+])
+def test_openai_routes_document_both_answers_and_their_error_shape(document, path, answer, chunk):
+    operation = document["paths"][path]["post"]
+    content = operation["responses"]["200"]["content"]
+    assert content["application/json"]["schema"] == {"$ref": REF.format(model=answer)}
+    assert content["text/event-stream"]["x-events"]["chunk"] == {"$ref": REF.format(model=chunk)}
+    assert operation["responses"]["400"]["content"]["application/json"]["schema"] == {
+        "$ref": REF.format(model="OpenAIErrorBody")}
+
+
+def test_native_errors_are_documented_in_the_native_shape(document):
+    error = document["paths"]["/generate"]["post"]["responses"]["400"]["content"]["application/json"]["schema"]
+    assert error == {"$ref": REF.format(model="ErrorBody")}
+    detail = document["components"]["schemas"]["ErrorDetail"]
+    assert set(detail["properties"]) == {"type", "message", "field"}
+
+
+def local_assets(html: str) -> list[str]:
+    return re.findall(r'(?:src|href)="([^"]+)"', html)
+
+
+def test_docs_is_swagger_ui_from_installed_files(client):
+    page = client.get("/docs")
+    assert page.status_code == 200 and page.mimetype == "text/html"
+    html = page.get_data(as_text=True)
+    assert "SwaggerUIBundle" in html and '"/openapi.json"' in html
+    assets = local_assets(html)
+    assert any(asset.endswith("swagger-ui-bundle.js") for asset in assets)
+    for asset in assets:
+        assert asset.startswith("/"), f"{asset} is not served by this server"
+        response = client.get(asset)
+        assert response.status_code == 200 and len(response.get_data()) > 100, asset
