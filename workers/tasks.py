@@ -24,6 +24,11 @@ def shared_reranker():
     return Reranker()
 
 
+def score_rows(ranking) -> list[dict]:
+    """Each candidate's reranker and combined scores, as the events carry them."""
+    return [{"rerank_score": s.rerank_score, "combined_score": s.combined} for s in ranking.scores]
+
+
 class BeamTask:
     """Beam search over the prompt, then the reranker picks a candidate, which is streamed."""
 
@@ -48,7 +53,7 @@ class BeamTask:
         beam_scores = [c.score for c in candidates]
         if self.use_rerank:
             ranking = shared_reranker().select_best(self.context, texts, beam_scores)
-            winner, rows = ranking.index, ranking.rows()
+            winner, rows = ranking.index, score_rows(ranking)
         else:
             winner = 0  # results() are ordered best beam first
             rows = [{"rerank_score": None, "combined_score": score} for score in beam_scores]
@@ -84,5 +89,5 @@ class ScoreTask:
         lm_scores = score_candidates(self.decoder, self.job.prompt_ids, candidate_ids, self.length_penalty)
         ranking = shared_reranker().select_best(self.context, self.candidates, lm_scores)
         rows = [{"index": i, "text": text, "lm_score": score, **row}
-                for i, (text, score, row) in enumerate(zip(self.candidates, lm_scores, ranking.rows()))]
+                for i, (text, score, row) in enumerate(zip(self.candidates, lm_scores, score_rows(ranking)))]
         return [("done", {"job_id": self.job.job_id, "candidates": rows, "winner": ranking.index})], True
