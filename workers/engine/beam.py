@@ -185,6 +185,8 @@ class BeamSearch:
 
 
 def beam_search(decoder: Decoder, prompt_ids: list[int], width: int, max_new_tokens: int,
-                length_penalty: float = 1.0, eos_token_ids: list[int] | tuple[int, ...] = ()) -> list[BeamCandidate]:
+                length_penalty: float = 1.0, eos_token_ids: list[int] | tuple[int, ...] = (),
+                early_stopping: bool | str = False) -> list[BeamCandidate]:
     """Convenience: run a whole beam search and return its candidates, best first."""
-    return BeamSearch(decoder, prompt_ids, width, max_new_tokens, length_penalty, eos_token_ids).run()
+    return BeamSearch(decoder, prompt_ids, width, max_new_tokens, length_penalty, eos_token_ids,
+                      early_stopping).run()
