@@ -7,7 +7,20 @@ from __future__ import annotations
 
 from flask import Flask
 
-from api import demo, errors, extensions, generation, health, jobs, openai_routes, openapi, tokenizer_routes
+from api import (
+    batches,
+    beam_routes,
+    chat,
+    demo,
+    errors,
+    extensions,
+    generation,
+    health,
+    jobs,
+    openai_routes,
+    openapi,
+    tokenizer_routes,
+)
 from shared.settings import Settings
 
 MAX_CONTENT_LENGTH = 1 << 20
@@ -28,7 +41,8 @@ def create_app(test_config: dict | None = None) -> Flask:
         app.config.from_mapping(test_config)
     extensions.init_app(app)
     errors.init_app(app)
-    for blueprint in (generation.bp, jobs.bp, health.bp, tokenizer_routes.bp, openapi.bp, demo.bp):
+    for blueprint in (generation.bp, chat.bp, beam_routes.bp, batches.bp, jobs.bp, health.bp, tokenizer_routes.bp,
+                      openapi.bp, demo.bp):
         app.register_blueprint(blueprint)
     openai_routes.init_app(app)
     return app

@@ -10,8 +10,8 @@ bp = Blueprint("demo", __name__, static_folder=str(STATIC_DIR), static_url_path=
 
 
 @bp.get("/")
-@operation("Demo page", tag="docs", responses={200: Reply("An HTML page that streams from /stream and "
-                                                            "/v1/chat/completions.", (
+@operation("Demo page", tag="docs", responses={200: Reply("An HTML page that streams from /stream, "
+                                                            "/v1/chat/completions and /stream_chat_beam.", (
     Media("text/html", schema={"type": "string"}),))})
 def index():
     """A page to try the service in a browser; its scripts and styles are served from /static (no CDN)."""

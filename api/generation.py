@@ -55,9 +55,14 @@ def generate():
 
 def generation_result(parsed: GenerationRequest, job: GenerationJob, output: pipeline.JobOutput) -> dict:
     """The /generate answer; fields missing from the `done` event are rebuilt from the token events."""
-    return GenerationResult(job_id=job.job_id, input=parsed.prompt, output_ids=output.output_ids,
+    return result_body(job.job_id, parsed.prompt, len(parsed.prompt_ids), job.backend, output)
+
+
+def result_body(job_id: str, prompt: str, prompt_tokens: int, backend: str, output: pipeline.JobOutput) -> dict:
+    """A `GenerationResult` as JSON (also each slot of a batch's results)."""
+    return GenerationResult(job_id=job_id, input=prompt, output_ids=output.output_ids,
                             output_text=output.output_text, finish_reason=output.done.get("finish_reason"),
-                            usage=output.usage(len(parsed.prompt_ids)), backend=job.backend).model_dump()
+                            usage=output.usage(prompt_tokens), backend=backend).model_dump()
 
 
 @bp.post("/stream")

@@ -25,6 +25,8 @@ SKIPPED_METHODS = frozenset({"HEAD", "OPTIONS"})
 
 TAGS = [
     {"name": "generation", "description": "Native generation routes: one JSON answer, or SSE token by token."},
+    {"name": "chat", "description": "Conversations: a streamed reply, beam search with a reranker, and its scores."},
+    {"name": "batches", "description": "Many prompts at once, one job each; results waited for or polled."},
     {"name": "jobs", "description": "A job after it started: status, resuming its stream, cancelling."},
     {"name": "openai", "description": "OpenAI-compatible routes (the official clients work against /v1)."},
     {"name": "tokenizer", "description": "The model's tokenizer and chat template."},

@@ -14,7 +14,7 @@ from api.extensions import get_redis, get_settings
 from api.job_state import follow_job, request_cancel
 from api.routing import choose_backend, submit
 from api.sse import Encoder, relay, sse_response
-from shared.jobs import GenerationJob
+from shared.jobs import GenerationJob, JobKind
 from shared.sampling import SamplingParams
 
 
@@ -43,11 +43,13 @@ class JobOutput:
                 "completion_tokens": usage.get("completion_tokens", len(self.output_ids))}
 
 
-def enqueue(prompt_ids: list[int], sampling: SamplingParams, backend_mode: str) -> GenerationJob:
+def enqueue(prompt_ids: list[int], sampling: SamplingParams, backend_mode: str, *,
+            kind: JobKind = JobKind.GENERATE, extra: dict | None = None) -> GenerationJob:
     """Pick a pool with a live worker for `backend_mode` (503 when none) and enqueue the job there."""
     connection = get_redis()
     backend = choose_backend(connection, backend_mode)
-    job = GenerationJob(job_id=uuid.uuid4().hex, prompt_ids=prompt_ids, sampling=sampling, backend=backend)
+    job = GenerationJob(job_id=uuid.uuid4().hex, prompt_ids=prompt_ids, sampling=sampling, kind=kind,
+                        backend=backend, extra=extra or {})
     submit(connection, job, get_settings())
     return job
 

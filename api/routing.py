@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import redis
+from redis.client import Pipeline
 from rq import Queue, Worker
 from rq.serializers import JSONSerializer
 
@@ -51,6 +52,26 @@ def submit(connection: redis.Redis, job: GenerationJob, settings: Settings) -> N
         job_timeout=settings.job_timeout_s,
         result_ttl=settings.backlog_ttl_s,
         failure_ttl=settings.backlog_ttl_s,
-        # RQ's default description repeats every prompt id; keep the job hash small.
-        description=f"generate {len(job.prompt_ids)} prompt tokens on {job.backend}",
+        description=describe(job),
     )
+
+
+def submit_many(connection: redis.Redis, pipeline: Pipeline, jobs: list[GenerationJob], settings: Settings,
+                keep_s: int) -> None:
+    """Add `jobs` to their pools' queues through `pipeline`, which the caller executes (one round trip).
+
+    RQ keeps each job's outcome (the `done` event's data is its result) for `keep_s` seconds, which may
+    outlive the events' backlog (BACKLOG_TTL_S).
+    """
+    by_pool: dict[str, list] = {}
+    for job in jobs:
+        by_pool.setdefault(job.backend, []).append(Queue.prepare_data(
+            JOB_FUNCTION, kwargs={"payload": job.to_dict()}, job_id=job.job_id, timeout=settings.job_timeout_s,
+            result_ttl=keep_s, failure_ttl=keep_s, description=describe(job)))
+    for pool, data in by_pool.items():
+        Queue(pool, connection=connection, serializer=JSONSerializer).enqueue_many(data, pipeline=pipeline)
+
+
+def describe(job: GenerationJob) -> str:
+    """RQ's description of a job; its default would repeat every prompt id, so keep the job hash small."""
+    return f"{job.kind.value} {len(job.prompt_ids)} prompt tokens on {job.backend}"

@@ -35,6 +35,8 @@ class Settings:
     job_timeout_s: int = 600
     keepalive_s: float = 5.0
     worker_ttl_s: int = 60
+    max_batch_prompts: int = 64  # prompts one POST /generate_batch may carry
+    batch_ttl_s: int = 3600  # how long a batch's record and its jobs' results stay readable
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:
@@ -60,7 +62,8 @@ class Settings:
             raise ConfigurationError(f"BACKEND_MODE must be one of {', '.join(BACKEND_MODES)}, not {self.backend_mode!r}")
         if self.worker_device not in ("cuda", "cpu"):
             raise ConfigurationError(f"WORKER_DEVICE must be 'cuda' or 'cpu', not {self.worker_device!r}")
-        for name in ("max_batch_size", "max_seq_len", "prefill_chunk", "max_tokens_in_flight"):
+        for name in ("max_batch_size", "max_seq_len", "prefill_chunk", "max_tokens_in_flight", "max_batch_prompts",
+                     "batch_ttl_s"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name.upper()} must be at least 1")
 

@@ -4,6 +4,7 @@ publishes a scripted event stream through `shared.events`, plus a reader for SSE
 from __future__ import annotations
 
 import json
+import math
 import threading
 import uuid
 
@@ -42,42 +43,100 @@ def publish_generation(connection: redis.Redis, job_id: str, prompt_ids: list[in
     })
 
 
+def publish_beam(connection: redis.Redis, job_id: str, payload: dict) -> None:
+    """What a worker publishes for a BEAM job: `candidates` (one per beam), the winner's tokens, `done`.
+
+    Beam i is the script shortened by i tokens; with rerank, relevance grows with i so that a later beam wins."""
+    extra, publisher = payload["extra"], EventPublisher(connection, job_id, ttl_s=60)
+    beams = [SCRIPT[: max(1, len(SCRIPT) - i)] for i in range(extra["beam_width"])]
+    rows = []
+    for index, tokens in enumerate(beams):
+        beam_score = -0.1 * (index + 1)
+        rerank = 0.1 * index if extra["use_rerank"] else None
+        combined = beam_score if rerank is None else 0.5 * rerank + 0.5 * math.exp(beam_score)
+        rows.append({"index": index, "text": "".join(text for _, text in tokens), "beam_score": beam_score,
+                     "rerank_score": rerank, "combined_score": combined})
+    winner = max(range(len(rows)), key=lambda i: rows[i]["combined_score"])
+    publisher.publish("candidates", {"candidates": rows, "winner": winner, "use_rerank": extra["use_rerank"]})
+    for index, (token, text) in enumerate(beams[winner]):
+        publisher.publish("token", {"token": token, "text": text, "index": index})
+    publisher.publish("done", {
+        "job_id": job_id, "output_text": rows[winner]["text"], "output_ids": [t for t, _ in beams[winner]],
+        "finish_reason": "length", "winner": winner,
+        "usage": {"prompt_tokens": len(payload["prompt_ids"]), "completion_tokens": len(beams[winner])}})
+
+
+def score_rows(candidates: list[str]) -> list[dict]:
+    """The scores a scripted worker gives SCORE candidates: the longest text scores best."""
+    return [{"index": i, "text": text, "lm_score": -1.0 / len(text), "rerank_score": len(text) / 100,
+             "combined_score": len(text) / 100 - 1.0 / len(text)} for i, text in enumerate(candidates)]
+
+
+def publish_scores(connection: redis.Redis, job_id: str, payload: dict) -> None:
+    """What a worker publishes for a SCORE job: only `done`, with every candidate's scores and the winner."""
+    rows = score_rows(payload["extra"]["candidates"])
+    winner = max(range(len(rows)), key=lambda i: rows[i]["combined_score"])
+    EventPublisher(connection, job_id, ttl_s=60).publish("done", {"job_id": job_id, "candidates": rows,
+                                                                  "winner": winner})
+
+
 class ScriptedWorker(threading.Thread):
-    """Takes the next job from `pool`'s RQ queue and runs it by publishing `SCRIPT` (or an error event)."""
+    """Takes the next `jobs` jobs from `pool`'s RQ queue and runs each by publishing a script or an error event.
+
+    `error` fails every job; `errors` maps the n-th job taken (from 0) to the error it fails with. A BEAM
+    or SCORE job gets what a worker publishes for those kinds (`publish_beam`, `publish_scores`)."""
 
     def __init__(self, connection: redis.Redis, pool: str = "cpu", error: dict | None = None,
-                 finish_reason: str | None = None):
+                 finish_reason: str | None = None, jobs: int = 1, errors: dict[int, dict] | None = None):
         super().__init__(daemon=True)
         self.connection = connection
         self.pool = pool
         self.error = error
         self.finish_reason = finish_reason
-        self.payload: dict | None = None
+        self.jobs = jobs
+        self.errors = errors or {}
+        self.payloads: list[dict] = []
         self.failure: BaseException | None = None
 
+    @property
+    def payload(self) -> dict | None:
+        """The payload of the last job taken."""
+        return self.payloads[-1] if self.payloads else None
+
     def run(self) -> None:
-        """Take one job and publish its events; any failure is kept for `finish()` to raise."""
+        """Take the jobs one by one and publish their events; any failure is kept for `finish()` to raise."""
         try:
             queue = Queue(self.pool, connection=self.connection, serializer=JSONSerializer)
-            found = Queue.dequeue_any([queue], timeout=WAIT_S, connection=self.connection, serializer=JSONSerializer)
-            if found is None:
-                raise TimeoutError(f"no job arrived on the {self.pool!r} queue")
-            job, _ = found
-            job.set_status(JobStatus.STARTED)
-            self.payload = job.kwargs["payload"]
-            if self.error is not None:
-                EventPublisher(self.connection, job.id, ttl_s=60).publish("error", {"error": self.error})
-                job.set_status(JobStatus.FAILED)
-                return
-            publish_generation(self.connection, job.id, self.payload["prompt_ids"],
-                               self.payload["sampling"]["max_tokens"], finish_reason=self.finish_reason)
-            job.set_status(JobStatus.FINISHED)
+            for number in range(self.jobs):
+                found = Queue.dequeue_any([queue], timeout=WAIT_S, connection=self.connection,
+                                          serializer=JSONSerializer)
+                if found is None:
+                    raise TimeoutError(f"no job arrived on the {self.pool!r} queue")
+                self.run_job(found[0], self.errors.get(number, self.error))
         except BaseException as exc:  # noqa: BLE001 - handed to the test by finish()
             self.failure = exc
 
+    def run_job(self, job, error: dict | None) -> None:
+        """Publish one job's events (by its kind), or `error`, and settle its RQ status."""
+        job.set_status(JobStatus.STARTED)
+        payload = job.kwargs["payload"]
+        self.payloads.append(payload)
+        if error is not None:
+            EventPublisher(self.connection, job.id, ttl_s=60).publish("error", {"error": error})
+            job.set_status(JobStatus.FAILED)
+            return
+        if payload.get("kind") == "beam":
+            publish_beam(self.connection, job.id, payload)
+        elif payload.get("kind") == "score":
+            publish_scores(self.connection, job.id, payload)
+        else:
+            publish_generation(self.connection, job.id, payload["prompt_ids"], payload["sampling"]["max_tokens"],
+                               finish_reason=self.finish_reason)
+        job.set_status(JobStatus.FINISHED)
+
     def finish(self) -> dict:
-        """Wait for the thread; the payload of the job it ran (re-raising whatever went wrong)."""
-        self.join(timeout=WAIT_S + 5)
+        """Wait for the thread; the payload of the last job it ran (re-raising whatever went wrong)."""
+        self.join(timeout=WAIT_S * self.jobs + 5)
         assert not self.is_alive(), "scripted worker still running"
         if self.failure is not None:
             raise self.failure

@@ -8,6 +8,8 @@ import re
 import pytest
 from openapi_spec_validator import OpenAPIV31SpecValidator
 
+from api.batches import BatchBody
+from api.chat_schemas import BeamBody, ChatBody, RerankBody
 from api.openai_schemas import ChatCompletionRequest, CompletionRequest
 from api.schemas import GenerationBody
 from api.tokenizer_routes import DetokenizeBody, TokenizeBody
@@ -48,6 +50,8 @@ def test_every_route_and_method_is_documented(app, document):
 @pytest.mark.parametrize(("path", "model"), [
     ("/generate", GenerationBody), ("/stream", GenerationBody), ("/v1/completions", CompletionRequest),
     ("/v1/chat/completions", ChatCompletionRequest), ("/tokenize", TokenizeBody), ("/detokenize", DetokenizeBody),
+    ("/chat", ChatBody), ("/stream_chat_beam", BeamBody), ("/rerank_scores", RerankBody),
+    ("/generate_batch", BatchBody),
 ])
 def test_request_bodies_are_the_validating_models_schemas(document, path, model):
     body = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
@@ -84,9 +88,9 @@ def test_the_documented_limits_are_the_enforced_ones(client, document, live_work
         assert response.json["error"]["field"] == name
 
 
-@pytest.mark.parametrize("path", ["/stream", "/jobs/{job_id}/stream"])
+@pytest.mark.parametrize("path", ["/stream", "/chat", "/jobs/{job_id}/stream"])
 def test_sse_routes_are_event_streams_with_their_event_shapes(document, path):
-    method = "post" if path == "/stream" else "get"
+    method = "get" if path.startswith("/jobs/") else "post"
     ok = document["paths"][path][method]["responses"]["200"]
     stream = ok["content"]["text/event-stream"]
     assert stream["x-events"] == {"token": {"$ref": REF.format(model="TokenEvent")},

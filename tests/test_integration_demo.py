@@ -87,8 +87,11 @@ def test_chat_mode_streams_a_reply_and_keeps_the_history(page):
 
 
 def test_stop_aborts_the_stream_and_cancels_the_job(page, service):
-    page.fill("#prompt", "Tell me a very long story about a lighthouse keeper.")
+    # A story opening, greedy: an instruction in prompt mode often ends at once (the model's first token is
+    # EOS with probability 0.5 at the page's default temperature, 1 when greedy), leaving nothing to stop.
+    page.fill("#prompt", "Once upon a time, a lighthouse keeper named Tom")
     page.fill("#max-tokens", "600")
+    page.fill("#temperature", "0")
     page.click("#send")
     page.wait_for_function("document.querySelector('#output').textContent.length > 0")
     page.click("#stop")
@@ -126,3 +129,14 @@ def test_beam_mode_shows_the_candidates_and_their_scores(page):
     assert items.count() == 2
     assert "Blue." in items.nth(0).text_content() and "combined 0.400" in items.nth(0).text_content()
     assert page.text_content("#output") == "Blue."
+
+
+def test_beam_mode_runs_a_real_beam_search(page):
+    page.fill("#prompt", "What is the capital of France?")
+    page.fill("#max-tokens", "8")
+    page.fill("#beam-width", "2")
+    page.click("#send")
+    _, state, text = watch_stream(page)
+    assert state == "done", page.text_content("#message")
+    items = page.locator("#candidates li")
+    assert items.count() == 2 and text in [items.nth(i).locator("div").first.text_content() for i in range(2)]

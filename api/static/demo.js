@@ -36,8 +36,9 @@ function chatRequest(messages) {
 }
 
 function beamRequest(messages, width) {
+  const { max_tokens, backend } = params();  // beam search is deterministic: the route refuses a temperature
   return { url: "/stream_chat_beam", onFrame: nativeFrame, beam: true,
-           body: { messages, beam_width: width, ...params() } };
+           body: { messages, beam_width: width, max_tokens, backend } };
 }
 
 // Native events: `token`, `done`, `error`, and for beams a `candidates` event first. True when terminal.

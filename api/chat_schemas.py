@@ -1,0 +1,206 @@
+"""Bodies and answers of the conversation routes (`/chat`, `/stream_chat_beam`, `/rerank_scores`).
+
+A conversation is given either as plain strings (user and assistant turns alternating, the user first) or
+as `{role, content}` objects (an optional first `system` message, then user and assistant turns
+alternating from the user). Shapes are checked here, so every route refuses the same conversations with
+the same 400 naming the message at fault; rendering and fitting it to the context is `api.conversation`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+
+from api.schemas import BACKEND_FIELD, Backend, DoneEvent
+from shared.exceptions import ValidationError
+from shared.sampling import STRICT, MaxTokens, SamplingFields, check_max_tokens_limit
+
+MAX_BEAM_WIDTH = 8
+"""Widest beam search, and most candidates /rerank_scores takes (each is a row of the worker's private cache)."""
+
+TRUNCATION = ("When the rendered conversation plus the tokens asked for does not fit the context, the oldest "
+              "user/assistant pairs are dropped until it does; the system message and the last user turn (with "
+              "anything after it) are always kept, and the `X-Messages-Dropped` response header says how many "
+              "messages were dropped (0 when none). If even those do not fit, the answer is a 400 "
+              "`context_length_exceeded`.")
+"""How every conversation route fits a long history into the context (also said in the README)."""
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be blank")
+    return text
+
+
+TurnText = Annotated[str, Field(min_length=1), AfterValidator(_not_blank)]
+"""A turn's content: text with at least one non-blank character."""
+
+
+class ChatTurn(BaseModel):
+    """One turn of a conversation as an object."""
+
+    model_config = STRICT
+
+    role: Literal["system", "user", "assistant"] = Field(
+        description="`system` only as the first message; then `user` and `assistant` alternate, the user first.")
+    content: TurnText
+
+
+def _message_form(value) -> str | None:
+    """Which form a message is in (`str` or `dict`): pydantic's tag, which leaves error paths clean."""
+    if isinstance(value, str):
+        return "str"
+    return "dict" if isinstance(value, dict | ChatTurn) else None
+
+
+Message = Annotated[
+    Annotated[TurnText, Tag("str")] | Annotated[ChatTurn, Tag("dict")],
+    Discriminator(_message_form, custom_error_type="message_form",
+                  custom_error_message="must be a string or an object with 'role' and 'content'"),
+]
+
+MESSAGES_DESCRIPTION = (
+    "The conversation, rendered with the model's own chat template: plain strings alternating user / assistant "
+    "turns, the user first (`[\"Hello\", \"Hi! How can I help?\", \"Tell me a story.\"]`), or `{role, content}` "
+    "objects (an optional first `system` message, then `user` and `assistant` alternating from the user). "
+    "The two forms cannot be mixed. " + TRUNCATION)
+
+
+class ConversationBody(BaseModel):
+    """The `messages` field every conversation route takes, with its shape rules."""
+
+    model_config = STRICT
+
+    messages: list[Message] = Field(min_length=1, description=MESSAGES_DESCRIPTION)
+
+    @model_validator(mode="after")
+    def _well_formed(self):
+        check_conversation(self.messages)
+        return self
+
+    def turns(self) -> list[dict]:
+        """`{"role", "content"}` dicts as chat templates expect them (strings get their roles by position)."""
+        return [{"role": "user" if index % 2 == 0 else "assistant", "content": message}
+                if isinstance(message, str) else {"role": message.role, "content": message.content}
+                for index, message in enumerate(self.messages)]
+
+
+def check_conversation(messages: list[str | ChatTurn]) -> None:
+    """Refuse a conversation that mixes the two forms or whose roles are out of order (400 naming the message)."""
+    first_is_text = isinstance(messages[0], str)
+    for index, message in enumerate(messages):
+        if isinstance(message, str) != first_is_text:
+            forms = ("an object", "a string") if first_is_text else ("a string", "an object")
+            raise ValidationError(f"'messages[{index}]' is {forms[0]} but 'messages[0]' is {forms[1]}: give every "
+                                  "message as a string, or every one as a {role, content} object", field="messages")
+    if not first_is_text:
+        check_roles([message.role for message in messages])
+
+
+def check_roles(roles: list[str]) -> None:
+    """An optional first `system`, then `user` and `assistant` alternating from the user, at least one user turn."""
+    start = 1 if roles[0] == "system" else 0
+    if start == len(roles):
+        raise ValidationError("'messages' has only a system message: add a user turn after it", field="messages")
+    for index in range(start, len(roles)):
+        expected = "user" if (index - start) % 2 == 0 else "assistant"
+        if roles[index] != expected:
+            rule = ("only the first message may be 'system'" if roles[index] == "system"
+                    else "user and assistant turns alternate, the user first")
+            raise ValidationError(f"'messages[{index}].role' must be '{expected}' ({rule}), got '{roles[index]}'",
+                                  field="messages")
+
+
+LengthPenalty = Annotated[float, Field(ge=-5.0, le=5.0, description=(
+    "Exponent of the length normalisation: a candidate's score is its summed log-probability divided by "
+    "`len(tokens) ** length_penalty` (above 0 favours longer answers, below 0 shorter ones)."))]
+
+CONTEXT_NOTE = ("The reranker judges relevance to the conversation as text (`role: content` lines, newest last); "
+                "its embedding model reads at most 256 tokens and keeps the newest part.")
+"""What the reranker compares candidates with (the `context` of BEAM and SCORE jobs)."""
+
+
+class ChatBody(ConversationBody, SamplingFields):
+    """`POST /chat`."""
+
+    model_config = ConfigDict(**STRICT, json_schema_extra={"examples": [{
+        "messages": ["What is the capital of France?"], "max_tokens": 32, "temperature": 0}]})
+
+    backend: Backend | None = BACKEND_FIELD
+
+
+class BeamBody(ConversationBody):
+    """`POST /stream_chat_beam`: beam search (deterministic; no sampling fields), then an optional rerank."""
+
+    model_config = ConfigDict(**STRICT, json_schema_extra={"examples": [{
+        "messages": ["What is the capital of France?"], "beam_width": 4, "max_tokens": 32}]})
+
+    beam_width: int = Field(4, ge=1, le=MAX_BEAM_WIDTH, description="Beams kept at each step; each finished "
+                                                                     "beam is a candidate.")
+    max_tokens: MaxTokens | None = None
+    length_penalty: LengthPenalty = 1.0
+    use_rerank: bool = Field(True, description="Let the reranker pick the winner (relevance and LM score "
+                                               "combined); false streams the best beam. " + CONTEXT_NOTE)
+    backend: Backend | None = BACKEND_FIELD
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _within_limit(cls, value, info):
+        return check_max_tokens_limit(value, info)
+
+
+class RerankBody(ConversationBody):
+    """`POST /rerank_scores`: score given answers to the conversation, without generating."""
+
+    model_config = ConfigDict(**STRICT, json_schema_extra={"examples": [{
+        "messages": ["What is the capital of France?"],
+        "candidates": ["The capital of France is Paris.", "I like turtles."]}]})
+
+    candidates: list[Annotated[str, Field(min_length=1)]] = Field(
+        min_length=1, max_length=MAX_BEAM_WIDTH, description="Answers to score, as the assistant's next turn. "
+                                                             + CONTEXT_NOTE)
+    length_penalty: LengthPenalty = 1.0
+    backend: Backend | None = BACKEND_FIELD
+
+
+class BeamCandidate(BaseModel):
+    """One finished beam and its scores."""
+
+    index: int = Field(description="Rank by beam score, best first.")
+    text: str
+    beam_score: float = Field(description="Length-normalised log-probability.")
+    rerank_score: float | None = Field(description="Cosine similarity to the context; null without rerank.")
+    combined_score: float = Field(description="What the winner was chosen by (the beam score without rerank).")
+
+
+class CandidatesEvent(BaseModel):
+    """SSE `candidates` event: every beam, before the winner's tokens are streamed."""
+
+    candidates: list[BeamCandidate]
+    winner: int = Field(description="Index of the candidate whose tokens follow.")
+    use_rerank: bool
+
+
+class BeamDoneEvent(DoneEvent):
+    """SSE `done` event of a beam search: the winner's output."""
+
+    winner: int
+
+
+class ScoredCandidate(BaseModel):
+    """One given candidate's scores."""
+
+    index: int
+    text: str
+    lm_score: float = Field(description="Length-normalised log-probability of the candidate after the prompt.")
+    rerank_score: float = Field(description="Cosine similarity to the context.")
+    combined_score: float
+
+
+class RerankScores(BaseModel):
+    """`POST /rerank_scores` answer."""
+
+    job_id: str
+    candidates: list[ScoredCandidate]
+    winner: int = Field(description="Index of the candidate with the best combined score.")
