@@ -61,7 +61,10 @@ def copy_checkpoint(source: Path, out: Path) -> dict:
     if not (source / "config.json").is_file() or not list(source.glob("*.safetensors")):
         raise SystemExit(f"{source} is not a Hugging Face checkpoint (needs config.json and *.safetensors)")
     config = json.loads((source / "config.json").read_text())
-    if config.get("model_type") not in ("llama", "mistral", "qwen2", None) and "Llama" not in str(config.get("architectures")):
+    # Our Llama has no bias terms; say so here rather than fail in a strict state-dict load later.
+    if config.get("attention_bias") or config.get("mlp_bias") or config.get("model_type") == "qwen2":
+        raise SystemExit(f"{source}: linear layers with bias terms (attention_bias, mlp_bias, Qwen2) are not supported")
+    if config.get("model_type") not in ("llama", "mistral", None) and "Llama" not in str(config.get("architectures")):
         print(f"warning: model_type {config.get('model_type')!r} is not Llama; loading may fail", file=sys.stderr)
     for file in [source / "config.json", *source.glob("*.safetensors"), *source.glob("*.safetensors.index.json")]:
         shutil.copy2(file, out / file.name)
@@ -106,6 +109,9 @@ def prepare(source: Path, out: Path, force: bool = False) -> bool:
     if not force and manifest.is_file() and json.loads(manifest.read_text()).get("source") == str(source):
         print(f"{out} is already prepared from {source}")
         return False
+    # The old folder is deleted at the end: never one this command did not make (a mistyped --out).
+    if out.exists() and not (out.is_dir() and (manifest.is_file() or not any(out.iterdir()))):
+        raise SystemExit(f"{out} exists and was not made by this command: remove it or choose another --out")
     force_offline()
     out.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and swap in at the end, so an interrupted run never leaves half a folder.

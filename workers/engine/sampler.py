@@ -46,14 +46,16 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     sorted_logits = sorted_logits.masked_fill(outside_k, float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
     # Remove a token when the tokens ranked above it already cover top_p (the best one always stays).
-    outside_p = (probs.cumsum(dim=-1) - probs) > top_p[:, None]
+    # Rows with top_p 1 keep everything: rounding lets the cumulative sum pass 1.0 before the tail.
+    outside_p = ((probs.cumsum(dim=-1) - probs) > top_p[:, None]) & (top_p[:, None] < 1.0)
     sorted_logits = sorted_logits.masked_fill(outside_p, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
 def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[int]:
     """Next token of each row of `logits` `[B, V]` by that row's sampling state."""
-    logits = logits.float().cpu()
+    # A copy: the penalty below writes in place, and the model's logits are inference-mode tensors.
+    logits = logits.to("cpu", torch.float32, copy=True)
     for row, state in enumerate(states):
         apply_repetition_penalty(logits[row], state.seen, state.params.repetition_penalty)
     tokens = logits.argmax(dim=-1).tolist()

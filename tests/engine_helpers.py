@@ -1,0 +1,196 @@
+"""Helpers of the engine tests: tiny random Llama checkpoints, decoder loading, transformers references, and
+`run_engine`, which drives the engine step by step and keeps every text delta (fixtures: engine_fixtures.py).
+
+The tiny checkpoints are saved by transformers and prepared by the weights command, which is the "any
+local Hugging Face Llama checkpoint" path of `python -m workers.prepare_weights --source DIR`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from shared.sampling import SamplingParams
+from shared.tokenizer import TextTokenizer
+from workers.cpu.decoder import INT8Decoder
+from workers.engine.decoder import Decoder
+from workers.engine.engine import Engine
+from workers.engine.sequence import FinishReason, Sequence, Update
+from workers.gpu.decoder import CUDADecoder
+
+ROOT = Path(__file__).resolve().parent.parent
+REAL_WEIGHTS = ROOT / "weights"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+
+TINY_CONFIG = {
+    "vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+    "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "initializer_range": 0.2,
+}
+"""Real vocabulary, toy sizes. initializer_range 0.2 rather than transformers' 0.02: the logits then spread
+enough that greedy output depends on the context instead of repeating one token, so a wrong cache row,
+mask or position changes the tokens."""
+
+TINY_PROMPTS = (
+    "The history of the Roman Empire",
+    "Héllo wörld 😀, ça va? 日本語も",
+    "def f(x):\n    return x * 2\n\nprint(f(3))",
+    "a",
+)
+TINY_CHAT = "Hi there, how are you?"
+
+REAL_CHAT = ("What is the capital of France?", "Write a haiku about the sea.", "Explain recursion to a child.")
+REAL_RAW = ("The history of the Roman Empire", "def fibonacci(n):\n", "Once upon a time, in a small village")
+REAL_NEW_TOKENS = 64
+
+MAX_STEPS = 5000
+"""run_engine fails rather than loops forever when the engine stops making progress."""
+
+
+def make_tiny_checkpoint(folder: Path, seed: int = 0, **overrides) -> Path:
+    """Save a random tiny Llama with transformers (safetensors) plus SmolLM2's tokenizer files into `folder`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(**{**TINY_CONFIG, **overrides})).save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        shutil.copy2(REAL_WEIGHTS / name, folder / name)
+    return folder
+
+
+def prepare_tiny(tmp_path_factory, name: str, **overrides) -> Path:
+    """A tiny checkpoint run through `workers.prepare_weights.prepare` (fp32 folder with int8/ inside)."""
+    from workers.prepare_weights import prepare
+
+    source = make_tiny_checkpoint(tmp_path_factory.mktemp(f"{name}-checkpoint"), **overrides)
+    out = tmp_path_factory.mktemp(f"{name}-prepared") / "weights"
+    prepare(source, out)
+    return out
+
+
+def tiny_prompts(tokenizer: TextTokenizer) -> list[list[int]]:
+    """Raw prompts of different lengths (one of them a single token) and a chat-templated one."""
+    return [tokenizer.encode(text) for text in TINY_PROMPTS] + [
+        tokenizer.encode_chat([{"role": "user", "content": TINY_CHAT}])]
+
+
+def load_fp32(folder: Path, max_batch_size: int = 8, max_seq_len: int = 256) -> CUDADecoder:
+    """The GPU pool's decoder running fp32 on the CPU."""
+    return CUDADecoder(device="cpu", max_batch_size=max_batch_size, max_seq_len=max_seq_len).load_weights(folder)
+
+
+def load_int8(folder: Path, max_batch_size: int = 8, max_seq_len: int = 256) -> INT8Decoder:
+    """The CPU pool's decoder, from the `int8/` folder the weights command writes."""
+    return INT8Decoder(max_batch_size=max_batch_size, max_seq_len=max_seq_len).load_quantized_weights(folder / "int8")
+
+
+@dataclass
+class Result:
+    """What a client of one sequence saw: its updates in order, its token ids and how it ended."""
+
+    ids: list[int]
+    updates: list[Update]
+    finish_reason: FinishReason | None
+    output_text: str
+
+    @property
+    def deltas(self) -> list[str]:
+        """The text of each update."""
+        return [update.text for update in self.updates]
+
+    @property
+    def text(self) -> str:
+        """The streamed text: every delta, concatenated."""
+        return "".join(self.deltas)
+
+
+def run_engine(decoder: Decoder, tokenizer: TextTokenizer, prompts: list[list[int]],
+               params: SamplingParams | list[SamplingParams], *, eos_token_ids=None, prefill_chunk: int = 256,
+               after_step=None) -> list[Result]:
+    """Run all prompts through one Engine until every sequence ends; `after_step(engine, step)` may intervene."""
+    eos = tokenizer.eos_token_ids if eos_token_ids is None else eos_token_ids
+    engine = Engine(decoder, tokenizer.backend, eos, prefill_chunk=prefill_chunk)
+    per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+    sequences = [Sequence(str(i), ids, p, tokenizer.backend) for i, (ids, p) in enumerate(zip(prompts, per_prompt))]
+    for sequence in sequences:
+        engine.add(sequence)
+    updates: dict[str, list[Update]] = {s.id: [] for s in sequences}
+    step = 0
+    while engine.has_work:
+        for update in engine.step():
+            updates[update.sequence.id].append(update)
+        step += 1
+        assert step < MAX_STEPS, "the engine stopped making progress"
+        if after_step is not None:
+            after_step(engine, step)
+    return [Result(s.output_ids, updates[s.id], s.finish_reason, s.output_text) for s in sequences]
+
+
+def greedy(decoder: Decoder, tokenizer: TextTokenizer, prompts: list[list[int]], max_tokens: int,
+           **kwargs) -> list[list[int]]:
+    """Greedy output ids of the prompts, decoded together."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    return [r.ids for r in run_engine(decoder, tokenizer, prompts, params, **kwargs)]
+
+
+def greedy_alone(decoder: Decoder, tokenizer: TextTokenizer, prompts: list[list[int]], max_tokens: int,
+                 **kwargs) -> list[list[int]]:
+    """Greedy output ids of each prompt decoded on its own."""
+    return [greedy(decoder, tokenizer, [ids], max_tokens, **kwargs)[0] for ids in prompts]
+
+
+def transformers_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_token_ids: list[int],
+                        **generate_kwargs) -> list[int]:
+    """transformers' greedy `generate()` output after the prompt, up to and including its first EOS."""
+    ids = torch.tensor([prompt_ids])
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=eos_token_ids, pad_token_id=eos_token_ids[0],
+                             **generate_kwargs)
+    tokens = out[0, len(prompt_ids):].tolist()
+    ends = [i for i, token in enumerate(tokens) if token in eos_token_ids]
+    return tokens[: ends[0] + 1] if ends else tokens
+
+
+def load_transformers(folder: Path):
+    """transformers' own Llama in fp32 from a prepared folder."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+class ScriptedDecoder(Decoder):
+    """Answers every prompt with `script` and then EOS (one-hot logits): known token ids through the engine.
+
+    The engine's own sampling, detokenisation, stop and slot logic all run; only the model is scripted.
+    """
+
+    def __init__(self, script: list[int], vocab_size: int, eos_token_id: int, max_batch_size: int = 4):
+        super().__init__(max_batch_size=max_batch_size, max_seq_len=4096)
+        self.script, self.vocab_size, self.eos_token_id = script, vocab_size, eos_token_id
+        self.prompt_lengths: dict[int, int] = {}  # slot -> prompt length, to know each row's output index
+
+    def _logits(self, output_index: int) -> torch.Tensor:
+        token = self.script[output_index] if output_index < len(self.script) else self.eos_token_id
+        logits = torch.zeros(self.vocab_size)
+        logits[token] = 1.0
+        return logits
+
+    def prefill(self, slot: int, tokens: list[int], start: int = 0) -> torch.Tensor:
+        self.prompt_lengths[slot] = start + len(tokens)
+        return self._logits(0)
+
+    def prefill_many(self, first_slot: int, prompts: list[list[int]]) -> torch.Tensor:
+        for offset, prompt in enumerate(prompts):
+            self.prompt_lengths[first_slot + offset] = len(prompt)
+        return torch.stack([self._logits(0) for _ in prompts])
+
+    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        return torch.stack([self._logits(position - self.prompt_lengths[slot] + 1)
+                            for slot, position in enumerate(positions)])
+
+    def move_slot(self, source: int, target: int, length: int) -> None:
+        self.prompt_lengths[target] = self.prompt_lengths[source]

@@ -1,0 +1,156 @@
+"""Continuous batching on the tiny model: a sequence's tokens do not depend on what shares its batch.
+
+Every comparison is against the same engine running the sequence alone, for both decoders.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.sampling import SamplingParams
+from tests.engine_helpers import (
+    greedy,
+    greedy_alone,
+    load_fp32,
+    load_int8,
+    run_engine,
+    tiny_prompts,
+    transformers_greedy,
+)
+from workers.cpu.decoder import INT8Decoder
+from workers.engine.engine import Engine
+from workers.engine.sequence import FinishReason, Sequence
+
+pytest_plugins = ["tests.engine_fixtures"]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LOADERS = {"fp32": load_fp32, "int8": load_int8}
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_tokenizer) -> list[list[int]]:
+    return tiny_prompts(tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_fp32, tiny_int8, tiny_tokenizer, prompts) -> dict[str, list[list[int]]]:
+    """20 greedy tokens of each prompt decoded on its own, per decoder (EOS ignored)."""
+    return {name: greedy_alone(decoder, tiny_tokenizer, prompts, 20, eos_token_ids=[])
+            for name, decoder in (("fp32", tiny_fp32), ("int8", tiny_int8))}
+
+
+def kind(decoder) -> str:
+    return "int8" if isinstance(decoder, INT8Decoder) else "fp32"
+
+
+def test_batch_of_different_lengths_matches_each_alone(tiny_decoder, tiny_tokenizer, prompts, alone):
+    assert len({len(p) for p in prompts}) == len(prompts)
+    assert greedy(tiny_decoder, tiny_tokenizer, prompts, 20, eos_token_ids=[]) == alone[kind(tiny_decoder)]
+
+
+def test_sequences_finishing_mid_batch_leave_the_others_intact(tiny_decoder, tiny_tokenizer, prompts, alone):
+    # The first and third finish early, so the cache is compacted twice while the others decode.
+    max_tokens = [3, 20, 1, 12, 20]
+    params = [SamplingParams(max_tokens=n, temperature=0.0) for n in max_tokens]
+    results = run_engine(tiny_decoder, tiny_tokenizer, prompts, params, eos_token_ids=[])
+    assert [r.ids for r in results] == [ids[:n] for ids, n in zip(alone[kind(tiny_decoder)], max_tokens)]
+    assert all(r.finish_reason == FinishReason.LENGTH for r in results)
+
+
+@pytest.mark.parametrize("name", LOADERS)
+def test_more_sequences_than_slots_wait_and_reuse_freed_slots(name, tiny_dir, tiny_tokenizer, prompts, alone):
+    decoder = LOADERS[name](tiny_dir, max_batch_size=2)
+    max_tokens = [20, 4, 20, 9, 20]
+    most_active = []
+    params = [SamplingParams(max_tokens=n, temperature=0.0) for n in max_tokens]
+    results = run_engine(decoder, tiny_tokenizer, prompts, params, eos_token_ids=[],
+                         after_step=lambda engine, step: most_active.append(len(engine.active)))
+    assert max(most_active) == 2
+    assert [r.ids for r in results] == [ids[:n] for ids, n in zip(alone[name], max_tokens)]
+
+
+def test_prefilling_sequence_moves_down_when_a_running_one_leaves(tiny_decoder, tiny_tokenizer):
+    short = [tiny_tokenizer.encode("a"), tiny_tokenizer.encode("b")]
+    long = tiny_tokenizer.encode("A long prompt, prefilled two tokens per step while the others decode: " * 2)
+    prompts, max_tokens = [*short, long], [6, 16, 10]
+    slots: list[int] = []
+
+    def record(engine, step):
+        if engine.prefilling is not None and engine.prefilling.id == "2":
+            slots.append(engine.prefilling.slot)
+
+    params = [SamplingParams(max_tokens=n, temperature=0.0) for n in max_tokens]
+    results = run_engine(tiny_decoder, tiny_tokenizer, prompts, params, eos_token_ids=[], prefill_chunk=2,
+                         after_step=record)
+    assert slots[0] == 2 and 1 in slots  # moved down while still being prefilled
+    expected = [greedy(tiny_decoder, tiny_tokenizer, [ids], n, eos_token_ids=[])[0]
+                for ids, n in zip(prompts, max_tokens)]
+    assert [r.ids for r in results] == expected
+
+
+def test_cancel_ends_a_running_sequence_and_frees_its_slot(tiny_dir, tiny_tokenizer, prompts, alone):
+    decoder = load_fp32(tiny_dir, max_batch_size=2)
+    admitted_at: dict[str, int] = {}
+
+    def intervene(engine, step):
+        if step == 3:
+            assert engine.cancel("0")
+        for sequence in engine.active:
+            admitted_at.setdefault(sequence.id, step)
+
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    cancelled, other, waiting = run_engine(decoder, tiny_tokenizer, prompts[:3], params, eos_token_ids=[],
+                                           after_step=intervene)
+    assert cancelled.finish_reason == FinishReason.CANCELLED
+    assert 0 < len(cancelled.ids) < 12 and cancelled.ids == alone["fp32"][0][: len(cancelled.ids)]
+    last = cancelled.updates[-1]
+    assert last.finished and last.token is None and last.text == ""
+    assert cancelled.text == cancelled.output_text
+    assert admitted_at["2"] == 4  # the step after the cancel, into the freed slot
+    assert other.ids == alone["fp32"][1][:12] and waiting.ids == alone["fp32"][2][:12]
+
+
+def test_cancel_waiting_and_prefilling_sequences(tiny_dir, tiny_tokenizer, prompts, alone):
+    decoder = load_fp32(tiny_dir, max_batch_size=1)
+    long = tiny_tokenizer.encode("Several prefill chunks long, this prompt is cancelled half-way through. " * 2)
+    engine = Engine(decoder, tiny_tokenizer.backend, [], prefill_chunk=4)
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    prefilling, waiting, last = (Sequence(str(i), ids, params, tiny_tokenizer.backend)
+                                 for i, ids in enumerate([long, prompts[0], prompts[1]]))
+    for sequence in (prefilling, waiting, last):
+        engine.add(sequence)
+    engine.step()
+    assert engine.prefilling is prefilling and 0 < prefilling.prefilled < len(long)
+    assert engine.cancel("0") and engine.cancel("1") and not engine.cancel("no-such-id")
+    updates = engine.step()
+    assert [(u.sequence.id, u.token, u.finished) for u in updates[:2]] == [("0", None, True), ("1", None, True)]
+    assert prefilling.finish_reason == waiting.finish_reason == FinishReason.CANCELLED
+    assert prefilling.output_ids == waiting.output_ids == []
+    while engine.has_work:
+        engine.step()
+    assert last.output_ids == alone["fp32"][1][:8]  # took over the cancelled sequence's slot
+    assert not engine.cancel("2")  # finished sequences are gone
+
+
+def test_check_fits_refuses_requests_longer_than_the_context(tiny_fp32, tiny_tokenizer):
+    engine = Engine(tiny_fp32, tiny_tokenizer.backend, [])
+    context = tiny_fp32.max_seq_len
+    engine.check_fits(context - 10, 10)
+    with pytest.raises(ValueError, match=f"context of {context} tokens"):
+        engine.check_fits(context - 10, 11)
+    too_long = Sequence("x", [42] * context, SamplingParams(max_tokens=1), tiny_tokenizer.backend)
+    with pytest.raises(ValueError, match="exceeds"):
+        engine.add(too_long)
+    assert not engine.has_work
+    small = Engine(tiny_fp32, tiny_tokenizer.backend, [], max_tokens_in_flight=100)
+    with pytest.raises(ValueError, match="more than the 100"):
+        small.check_fits(60, 41)
+
+
+def test_cache_growth_mid_decode_keeps_earlier_keys(tiny_dir, tiny_hf, tiny_tokenizer):
+    decoder = load_fp32(tiny_dir, max_seq_len=512)
+    prompt = tiny_tokenizer.encode("Tokens to fill most of the first cache block. " * 24)[:240]
+    assert decoder.cache.capacity < len(prompt) + 32  # the cache grows while this sequence decodes
+    expected = transformers_greedy(tiny_hf, prompt, 32, tiny_tokenizer.eos_token_ids)
+    neighbour = tiny_tokenizer.encode("a short neighbour")
+    assert greedy(decoder, tiny_tokenizer, [prompt, neighbour], 32)[0] == expected

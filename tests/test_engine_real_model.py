@@ -1,0 +1,80 @@
+"""The engine on the real SmolLM2-135M-Instruct: against transformers, batched against alone, INT8 against fp32.
+
+Each decoder is loaded once per session and transformers' outputs are computed once (see engine_fixtures).
+The INT8 thresholds sit below the figures `python -m bench.int8_quality` measured (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.int8_quality import (
+    confident_agreement,
+    perplexity,
+    perplexity_ids,
+    position_logits,
+    teacher_forced_logits,
+    top1_agreement,
+)
+from tests.engine_helpers import REAL_NEW_TOKENS, greedy, greedy_alone
+from workers.engine.sequence import FinishReason
+
+pytest_plugins = ["tests.engine_fixtures"]
+pytestmark = pytest.mark.model
+
+PROMPTS = range(6)  # three chat-templated prompts, three raw ones (engine_helpers.REAL_CHAT, REAL_RAW)
+
+
+@pytest.mark.parametrize("index", PROMPTS)
+def test_fp32_greedy_matches_transformers_generate(index, real_fp32_alone, real_transformers_greedy, real_tokenizer):
+    ours, expected = real_fp32_alone[index], real_transformers_greedy[index]
+    assert ours.ids == expected
+    ended_on_eos = expected[-1] in real_tokenizer.eos_token_ids
+    assert ours.finish_reason == (FinishReason.EOS if ended_on_eos else FinishReason.LENGTH)
+
+
+def test_streamed_text_is_the_decoded_output(real_fp32_alone, real_tokenizer):
+    for result in real_fp32_alone:
+        assert result.text == result.output_text == real_tokenizer.decode(result.ids)
+
+
+def test_fp32_batch_of_different_lengths_matches_each_alone(real_fp32, real_tokenizer, real_prompts, real_fp32_alone):
+    assert len({len(p) for p in real_prompts}) >= 4  # from 6 to 38 tokens
+    batched = greedy(real_fp32, real_tokenizer, real_prompts, REAL_NEW_TOKENS)
+    assert batched == [result.ids for result in real_fp32_alone]
+
+
+def test_int8_batch_of_different_lengths_matches_each_alone(real_int8, real_tokenizer, real_prompts):
+    alone = greedy_alone(real_int8, real_tokenizer, real_prompts, 32)
+    assert greedy(real_int8, real_tokenizer, real_prompts, 32) == alone
+
+
+@pytest.fixture(scope="module")
+def text_logits(real_fp32, real_int8, real_tokenizer) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    ids = perplexity_ids(real_tokenizer)
+    return ids, position_logits(real_fp32, ids), position_logits(real_int8, ids)
+
+
+def test_int8_perplexity_stays_within_10_percent_of_fp32(text_logits):
+    ids, fp32, int8 = text_logits
+    fp32_ppl, int8_ppl = perplexity(fp32, ids), perplexity(int8, ids)
+    assert fp32_ppl < 20  # the fixed text is ordinary English prose and code to this model
+    assert int8_ppl / fp32_ppl < 1.10
+
+
+def test_int8_picks_fp32s_next_token_on_the_fixed_text(text_logits):
+    _, fp32, int8 = text_logits
+    assert top1_agreement(int8, fp32) > 0.85
+    assert confident_agreement(int8, fp32) > 0.97  # where fp32 gives its choice at least p = 0.5
+
+
+def test_int8_follows_fp32s_greedy_answers(real_int8, real_fp32, real_prompts, real_fp32_alone):
+    # Given the same context, INT8 picks fp32's next token; where they differ, fp32 was hesitating.
+    pairs = [(teacher_forced_logits(real_int8, ids, r.ids), teacher_forced_logits(real_fp32, ids, r.ids))
+             for ids, r in zip(real_prompts, real_fp32_alone)]
+    int8, fp32 = torch.cat([q for q, _ in pairs]), torch.cat([f for _, f in pairs])
+    # One prefill over prompt + answer picks the answer's tokens again, as decoding step by step did.
+    assert [f.argmax(-1).tolist() for _, f in pairs] == [r.ids for r in real_fp32_alone]
+    assert top1_agreement(int8, fp32) > 0.8
+    assert confident_agreement(int8, fp32) > 0.93

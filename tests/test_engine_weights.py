@@ -1,0 +1,200 @@
+"""The weights command, loading errors, INT8 layers and SmoothQuant, on the tiny model and synthetic tensors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from shared.exceptions import ModelFilesMissing
+from shared.model_files import require_model_dir
+from shared.tokenizer import TextTokenizer
+from tests.engine_helpers import REAL_WEIGHTS, make_tiny_checkpoint
+from workers import prepare_weights
+from workers.cpu.decoder import INT8Decoder
+from workers.engine.int8 import ACTIVATION_LEVELS, Int8Linear, quantize_weight
+from workers.engine.kv_cache import KVCache
+from workers.engine.llama import LlamaConfig, build_model
+from workers.engine.smoothing import activation_maxima, smooth_state_dict
+from workers.engine.weights import fuse_projections, load_state_dict
+from workers.gpu.decoder import CUDADecoder
+
+pytest_plugins = ["tests.engine_fixtures"]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LOADERS = {
+    "require_model_dir": require_model_dir,
+    "tokenizer": TextTokenizer,
+    "state dict": load_state_dict,
+    "fp32 decoder": lambda folder: CUDADecoder(device="cpu").load_weights(folder),
+    "int8 decoder": lambda folder: INT8Decoder().load_quantized_weights(folder),
+}
+
+
+def forbid_work(monkeypatch) -> None:
+    """Make every step that builds weights fail, so a test proves none of them ran."""
+    def fail(*args, **kwargs):
+        raise AssertionError("the weights command did work although the folder was prepared")
+
+    for name in ("export_gguf", "copy_checkpoint", "write_int8"):
+        monkeypatch.setattr(prepare_weights, name, fail)
+
+
+def snapshot(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+# -- the weights command ---------------------------------------------------------------------------------
+
+
+def test_prepare_writes_fp32_and_int8_folders_from_a_hugging_face_checkpoint(tiny_dir):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", "prepared.json",
+                 "int8/config.json", "int8/model.safetensors", "int8/quantization.json"):
+        assert (tiny_dir / name).is_file(), name
+    config = json.loads((tiny_dir / "config.json").read_text())
+    with safe_open(str(tiny_dir / "int8" / "model.safetensors"), "pt") as tensors:
+        names = set(tensors.keys())
+        linear = {n.removesuffix("_int8") for n in names if n.endswith("_int8")}
+        assert len(linear) == 7 * config["num_hidden_layers"] + 1  # q k v o gate up down per layer, LM head
+        assert "lm_head.weight" in linear  # tied in the checkpoint, quantized on its own
+        assert all(tensors.get_tensor(f"{n}_int8").dtype == torch.int8 for n in linear)
+        assert all(f"{n}_scale" in names and n not in names for n in linear)
+
+
+def test_second_run_says_already_prepared_and_does_no_work(tiny_dir, monkeypatch, capsys):
+    source = json.loads((tiny_dir / "prepared.json").read_text())["source"]
+    before = snapshot(tiny_dir)
+    forbid_work(monkeypatch)
+    assert prepare_weights.prepare(Path(source), tiny_dir) is False
+    prepare_weights.main(["--source", source, "--out", str(tiny_dir)])
+    assert capsys.readouterr().out.count("already prepared") == 2
+    assert snapshot(tiny_dir) == before
+
+
+@pytest.mark.model
+def test_the_default_command_on_the_prepared_smollm2_does_no_work(monkeypatch, capsys):
+    before = snapshot(REAL_WEIGHTS)
+    forbid_work(monkeypatch)
+    prepare_weights.main(["--out", str(REAL_WEIGHTS)])
+    assert "already prepared" in capsys.readouterr().out
+    assert snapshot(REAL_WEIGHTS) == before
+
+
+def test_a_failed_run_leaves_no_half_made_folder(tmp_path, monkeypatch):
+    source = make_tiny_checkpoint(tmp_path / "checkpoint")
+    out = tmp_path / "site" / "weights"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_weights, "write_int8", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_weights.prepare(source, out)
+    assert list(out.parent.iterdir()) == []
+
+
+def test_an_existing_folder_it_did_not_make_is_never_replaced(tmp_path):
+    source = make_tiny_checkpoint(tmp_path / "checkpoint")
+    mistaken = tmp_path / "home"
+    mistaken.mkdir()
+    (mistaken / "notes.txt").write_text("precious")
+    with pytest.raises(SystemExit, match="not made by this command"):
+        prepare_weights.prepare(source, mistaken)
+    assert (mistaken / "notes.txt").read_text() == "precious"
+
+
+def test_a_folder_that_is_not_a_checkpoint_is_refused_by_name(tmp_path):
+    source = tmp_path / "not-a-model"
+    source.mkdir()
+    (source / "README.md").write_text("nothing here")
+    with pytest.raises(SystemExit, match="not-a-model.*config.json"):
+        prepare_weights.prepare(source, tmp_path / "weights")
+    assert not (tmp_path / "weights").exists()
+
+
+def test_a_checkpoint_with_bias_terms_is_refused_up_front(tmp_path):
+    source = make_tiny_checkpoint(tmp_path / "biased", attention_bias=True)
+    with pytest.raises(SystemExit, match="bias terms"):
+        prepare_weights.prepare(source, tmp_path / "weights")
+    assert not (tmp_path / "weights").exists()
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_missing_weights_folder_names_the_folder_and_the_command(loader, tmp_path):
+    missing = tmp_path / "no-weights-here"
+    with pytest.raises(ModelFilesMissing) as error:
+        LOADERS[loader](missing)
+    assert str(missing.resolve()) in str(error.value)
+    assert "python -m workers.prepare_weights" in str(error.value)
+
+
+def test_a_missing_int8_folder_is_named(tiny_dir, tmp_path):
+    fp32_only = tmp_path / "weights"
+    fp32_only.mkdir()
+    (fp32_only / "config.json").write_text((tiny_dir / "config.json").read_text())
+    with pytest.raises(ModelFilesMissing, match="weights/int8"):
+        INT8Decoder().load_quantized_weights(fp32_only / "int8")
+
+
+# -- INT8 layers -----------------------------------------------------------------------------------------
+
+
+def int8_linear(weight: torch.Tensor) -> Int8Linear:
+    layer = Int8Linear(weight.shape[1], weight.shape[0])
+    layer.weight_int8, layer.weight_scale = quantize_weight(weight)
+    layer.pack()
+    return layer
+
+
+@pytest.fixture(scope="module")
+def weight() -> torch.Tensor:
+    return torch.randn(384, 256, generator=torch.Generator().manual_seed(0)) * 0.05
+
+
+def test_quantized_weights_round_to_the_nearest_of_127_levels(weight):
+    quantized, scale = quantize_weight(weight)
+    assert quantized.dtype == torch.int8 and quantized.abs().max() == 127
+    torch.testing.assert_close(scale, weight.abs().amax(dim=1) / 127)
+    assert ((quantized.float() * scale[:, None] - weight).abs() <= scale[:, None] / 2 + 1e-7).all()
+
+
+def test_int8_linear_rows_do_not_depend_on_their_batch(weight):
+    layer = int8_linear(weight)
+    x = torch.randn(9, 256, generator=torch.Generator().manual_seed(1))
+    x[4] *= 100  # an outlier row must not change any other row's result
+    together = layer(x)
+    for row in range(9):
+        assert torch.equal(layer(x[row: row + 1]), together[row: row + 1])
+    assert torch.equal(layer(x.view(3, 3, 256)), together.view(3, 3, -1))
+
+
+def test_int8_linear_error_against_the_fp32_matmul(weight):
+    layer = int8_linear(weight)
+    x = torch.randn(32, 256, generator=torch.Generator().manual_seed(2))
+    exact = x @ weight.T
+    error = (layer(x) - exact).norm(dim=-1) / exact.norm(dim=-1)
+    # 7-bit activations (63 levels per sign) dominate: about 1/(63 * 3) of a Gaussian row's scale.
+    assert ACTIVATION_LEVELS == 63
+    assert error.max() < 0.03
+
+
+# -- SmoothQuant -----------------------------------------------------------------------------------------
+
+
+def test_smoothing_leaves_the_fp32_model_unchanged(tiny_dir, tiny_tokenizer):
+    config = LlamaConfig.from_dict(json.loads((tiny_dir / "config.json").read_text()))
+    state = load_state_dict(tiny_dir)
+    ids = tiny_tokenizer.encode("Calibrate on this sentence, then check another one: the sky is blue today.")
+    smoothed = smooth_state_dict(config, state, activation_maxima(config, state, [ids[:10]]))
+
+    def logits(weights):
+        model = build_model(config, fuse_projections(dict(weights)))
+        cache = KVCache(num_layers=config.num_layers, max_slots=1, num_kv_heads=config.num_kv_heads,
+                        head_dim=config.head_dim, max_len=64, dtype=torch.float32, device="cpu")
+        return model(torch.tensor([ids]), cache, slice(0, 1), [0], last_only=False)
+
+    assert any(not torch.equal(smoothed[k], v) for k, v in state.items() if k in smoothed)
+    torch.testing.assert_close(logits(smoothed), logits(state), rtol=1e-4, atol=1e-4)
