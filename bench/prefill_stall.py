@@ -27,7 +27,7 @@ from workers.engine.sequence import Sequence
 
 def measure(decoder, tokenizer, running: int, prompt_tokens: int, chunk: int) -> tuple[float, float, float]:
     engine = Engine(decoder, tokenizer.backend, eos_token_ids=[], prefill_chunk=chunk or prompt_tokens)
-    params = SamplingParams(max_tokens=10_000, temperature=0)
+    params = SamplingParams(max_tokens=400, temperature=0)  # more than the measurement takes
     short = tokenizer.encode("Tell me about the history of the printing press.")
     streams = [Sequence(f"s{i}", short, params, tokenizer.backend) for i in range(running)]
     for sequence in streams:
@@ -60,7 +60,7 @@ def main() -> None:
     force_offline()
     settings = Settings.from_env()
     tokenizer = load_tokenizer(settings.model_dir)
-    decoder = INT8Decoder(max_batch_size=args.running + 1, max_seq_len=args.prompt_tokens + 64,
+    decoder = INT8Decoder(max_batch_size=args.running + 1, max_seq_len=args.prompt_tokens + 512,
                           threads=settings.torch_threads).load_quantized_weights(settings.int8_path)
     rows = ["| prefill chunk | decode step (median) | longest step during the prefill | new prompt's TTFT |",
             "|---|---|---|---|"]

@@ -28,7 +28,7 @@ class Settings:
     max_batch_size: int = 32
     max_tokens_in_flight: int = 32768
     max_seq_len: int = 2048
-    prefill_chunk: int = 256
+    prefill_chunk: int = 128  # bounds the stall a long prompt causes running streams (bench.prefill_stall)
     default_max_tokens: int = 32
     max_new_tokens_limit: int = 4096
     backlog_ttl_s: int = 600
