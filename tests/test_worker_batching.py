@@ -157,3 +157,27 @@ def test_a_beam_job_streams_candidates_then_the_best_beam(connection, tiny_weigh
     assert done["output_ids"] == expected[0].token_ids
     assert [c["beam_score"] for c in candidates] == pytest.approx([c.score for c in expected])
     assert read_backlog(connection, generation)[-1].type == "done"  # the batch ran beside it
+
+
+def test_a_failing_step_fails_running_jobs_with_an_error_event_and_the_worker_serves_on(
+        connection, tiny_weights, monkeypatch):
+    from workers.engine.engine import Engine
+
+    broken = enqueue(connection, tiny_weights, "This step will break", max_tokens=5)
+    real_step = Engine.step
+    calls = {"count": 0}
+
+    def step_that_breaks_once(self):
+        calls["count"] += 1
+        if calls["count"] == 2:
+            raise RuntimeError("simulated kernel failure")
+        return real_step(self)
+
+    monkeypatch.setattr(Engine, "step", step_that_breaks_once)
+    worker = run_worker(connection, tiny_weights)
+    last = read_backlog(connection, broken)[-1]
+    assert last.type == "error" and last.data["error"]["type"] == "internal_error"
+    assert broken in FailedJobRegistry("cpu", connection=connection).get_job_ids()
+    after = enqueue(connection, tiny_weights, "The next job still runs", max_tokens=3)
+    worker.work(burst=True)  # the same worker, model still loaded
+    assert read_backlog(connection, after)[-1].type == "done"

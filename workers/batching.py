@@ -75,8 +75,11 @@ class BatchingWorker(SimpleWorker):
     def load_engine(self) -> Engine:
         """Load the tokenizer and decoder once, before the first job."""
         force_offline()
+        return self.engine_for(self.build_decoder())
+
+    def engine_for(self, decoder: Decoder) -> Engine:
+        """An empty batching engine on `decoder`, with the worker's limits."""
         tokenizer = load_tokenizer(self.settings.model_dir)
-        decoder = self.build_decoder()
         return Engine(decoder, tokenizer.backend, tokenizer.eos_token_ids,
                       prefill_chunk=self.settings.prefill_chunk,
                       max_tokens_in_flight=self.settings.max_tokens_in_flight)
@@ -108,9 +111,7 @@ class BatchingWorker(SimpleWorker):
             self.log.exception("Worker %s: batch step failed", self.name)
             for entry in list(self.running.values()):
                 self.fail(entry, "internal_error", "the worker failed while generating", sys.exc_info())
-            self.engine = Engine(self.engine.decoder, self.engine.tokenizer, self.engine.eos_token_ids,
-                                 prefill_chunk=self.engine.prefill_chunk,
-                                 max_tokens_in_flight=self.engine.max_tokens_in_flight)
+            self.engine = self.engine_for(self.engine.decoder)  # the model stays loaded
         finally:
             self.set_state(WorkerStatus.IDLE)
 
