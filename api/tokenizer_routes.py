@@ -67,7 +67,7 @@ def tokenize():
     tokenizer = get_tokenizer()
     if body.messages is not None:
         text = tokenizer.render_chat([message.as_template_input() for message in body.messages])
-        ids = tokenizer.encode_chat([message.as_template_input() for message in body.messages])
+        ids = tokenizer.encode_rendered(text)  # the template rendered once
     else:
         text, ids = body.text, tokenizer.encode(body.text)
     return jsonify(Tokenized(ids=ids, tokens=tokenizer.token_strings(ids), count=len(ids), text=text).model_dump())

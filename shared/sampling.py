@@ -10,9 +10,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
-from pydantic import ValidationError as PydanticValidationError
-
-from shared.schema_errors import validation_error
 
 MAX_STOP_SEQUENCES = 4
 """As in OpenAI's API: at most four stop strings."""
@@ -102,12 +99,3 @@ class SamplingParams:
         if default_max_tokens is not None:
             values.setdefault("max_tokens", default_max_tokens)
         return cls(**values)
-
-    @classmethod
-    def from_dict(cls, data: dict, *, max_tokens_limit: int = 4096) -> SamplingParams:
-        """Validate user-supplied fields (absent or null ones keep their defaults); errors name the field."""
-        try:
-            fields = SamplingFields.model_validate(data, context={MAX_TOKENS_LIMIT_KEY: max_tokens_limit})
-        except PydanticValidationError as exc:
-            raise validation_error(exc.errors(), list(SamplingFields.model_fields)) from None
-        return cls.from_fields(fields)

@@ -63,7 +63,11 @@ class TextTokenizer:
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Token ids of the chat-templated prompt (the template supplies its own special tokens)."""
-        return self.backend.encode(self.render_chat(messages), add_special_tokens=False).ids
+        return self.encode_rendered(self.render_chat(messages))
+
+    def encode_rendered(self, prompt: str) -> list[int]:
+        """Token ids of a prompt `render_chat` made (no special tokens added: the template has them)."""
+        return self.backend.encode(prompt, add_special_tokens=False).ids
 
 
 @cache
