@@ -3,8 +3,10 @@
     python -m bench.decoder_throughput [--tokens 64] [--repeats 3] [--batches 1 8 32] [--write]
 
 Every configuration generates exactly `--tokens` new tokens per sequence (EOS ignored) from the same
-prompt; tokens/s = batch x new tokens / wall time (prefill included, prompts are short). The median of
-`--repeats` runs is reported. transformers runs fp32 and with torch's dynamic INT8 quantization.
+prompt, and separately just one (the prefill and its first token). Decode tokens/s = batch x (tokens - 1)
+/ (median time for all tokens - median time for one), the same for every configuration, so prompt
+processing counts for none of them. transformers runs fp32 and with torch's dynamic INT8 quantization.
+The INT8 decoder compiles its decode step as the CPU worker does (COMPILE_DECODE, default on).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def time_engine(decoder, tokenizer, prompt_ids, batch, tokens) -> float:
     sequences = [Sequence(str(i), prompt_ids, params, tokenizer.backend) for i in range(batch)]
     start = time.perf_counter()
     engine.run(sequences)
-    return batch * tokens / (time.perf_counter() - start)
+    return time.perf_counter() - start
 
 
 def time_generate(model, prompt_ids, batch, tokens) -> float:
@@ -42,7 +44,7 @@ def time_generate(model, prompt_ids, batch, tokens) -> float:
     with torch.inference_mode():
         model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=tokens,
                        min_new_tokens=tokens, do_sample=False)
-    return batch * tokens / (time.perf_counter() - start)
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -72,13 +74,16 @@ def main() -> None:
         "transformers generate fp32": lambda b, n: time_generate(hf, prompt_ids, b, n),
         "transformers generate + dynamic INT8": lambda b, n: time_generate(hf_int8, prompt_ids, b, n),
     }
-    int8 = INT8Decoder(max_batch_size=biggest, max_seq_len=length).load_quantized_weights(settings.int8_path)
+    int8 = INT8Decoder(max_batch_size=biggest, max_seq_len=length,
+                       compile_decode=settings.compile_decode).load_quantized_weights(settings.int8_path)
     fp32 = CUDADecoder(device="cpu", max_batch_size=biggest, max_seq_len=length).load_weights(settings.model_path)
     results: dict[str, dict[int, float]] = {name: {} for name in runners}
     for batch in args.batches:
         for name, run in runners.items():
             run(batch, 4)  # warm-up
-            results[name][batch] = median([run(batch, args.tokens) for _ in range(args.repeats)])
+            whole = median([run(batch, args.tokens) for _ in range(args.repeats)])
+            first = median([run(batch, 1) for _ in range(args.repeats)])
+            results[name][batch] = batch * (args.tokens - 1) / (whole - first)
             print(f"{name:40s} batch {batch:3d}: {results[name][batch]:7.1f} tok/s", flush=True)
     header = "| decoder | " + " | ".join(f"batch {b}" for b in args.batches) + " |"
     rows = [header, "|---|" + "---|" * len(args.batches)]
@@ -93,7 +98,8 @@ def main() -> None:
     if args.write:
         write_section("Decoder throughput (decode tokens/s)",
                       f"Machine: {machine()}, torch threads {torch.get_num_threads()}. {args.tokens} new tokens per "
-                      f"sequence, median of {args.repeats} runs, all in one run of `python -m bench.decoder_throughput`.\n\n"
+                      f"sequence, prefill excluded (see the script), medians of {args.repeats} runs, all in one run of "
+                      f"`python -m bench.decoder_throughput`; INT8 decode step compiled: {settings.compile_decode}.\n\n"
                       f"{table}\n\n" + "\n".join(f"- {n}" for n in notes))
 
 

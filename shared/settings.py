@@ -15,6 +15,16 @@ BACKEND_MODES = (*BACKENDS, "auto")
 """What `BACKEND_MODE` and a request's `backend` field may say."""
 
 
+def parse_bool(raw: str) -> bool:
+    """`1/true/yes/on` or `0/false/no/off`, any case; anything else is a ValueError."""
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything configurable, with production defaults; environment variables override by name."""
@@ -28,6 +38,7 @@ class Settings:
     max_batch_size: int = 32
     max_tokens_in_flight: int = 32768
     max_seq_len: int = 2048
+    compile_decode: bool = True  # CPU workers: torch.compile the decode step (workers/engine/decoder.py)
     prefill_chunk: int = 128  # bounds the stall a long prompt causes running streams (bench.prefill_stall)
     default_max_tokens: int = 32
     max_new_tokens_limit: int = 4096
@@ -49,7 +60,7 @@ class Settings:
                 continue
             kind = type(field.default)
             try:
-                values[field.name] = kind(raw)
+                values[field.name] = parse_bool(raw) if kind is bool else kind(raw)
             except ValueError as exc:
                 raise ConfigurationError(f"{field.name.upper()}={raw!r} is not a valid {kind.__name__}") from exc
         settings = replace(cls(**values), **overrides)

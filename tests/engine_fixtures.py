@@ -57,10 +57,27 @@ def tiny_int8(tiny_dir) -> INT8Decoder:
     return load_int8(tiny_dir)
 
 
-@pytest.fixture(scope="session", params=["fp32", "int8"])
-def tiny_decoder(request, tiny_fp32, tiny_int8) -> Decoder:
-    """Each of the two decoders in turn."""
-    return tiny_fp32 if request.param == "fp32" else tiny_int8
+@pytest.fixture(scope="session")
+def tiny_int8_compiled(tiny_dir) -> INT8Decoder:
+    """The tiny model on the INT8 decoder with its decode step compiled, as CPU workers run it.
+
+    Compiled on one thread, as the tiny-model modules run it (see one_thread): the thread count is part
+    of what a compiled graph assumes.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        decoder = load_int8(tiny_dir, compile_decode=True)
+    finally:
+        torch.set_num_threads(previous)
+    assert decoder.decode_is_compiled
+    return decoder
+
+
+@pytest.fixture(scope="session", params=["fp32", "int8", "int8-compiled"])
+def tiny_decoder(request, tiny_fp32, tiny_int8, tiny_int8_compiled) -> Decoder:
+    """Each decoder in turn."""
+    return {"fp32": tiny_fp32, "int8": tiny_int8, "int8-compiled": tiny_int8_compiled}[request.param]
 
 
 @pytest.fixture(scope="session")
@@ -95,6 +112,12 @@ def real_fp32() -> CUDADecoder:
 def real_int8() -> INT8Decoder:
     """SmolLM2 on the INT8 decoder, loaded once per session."""
     return load_int8(REAL_WEIGHTS, max_batch_size=8, max_seq_len=1024)
+
+
+@pytest.fixture(scope="session")
+def real_int8_compiled() -> INT8Decoder:
+    """SmolLM2 on the INT8 decoder with its decode step compiled, loaded once per session."""
+    return load_int8(REAL_WEIGHTS, max_batch_size=8, max_seq_len=1024, compile_decode=True)
 
 
 @pytest.fixture(scope="session")

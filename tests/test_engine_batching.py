@@ -33,14 +33,16 @@ def prompts(tiny_tokenizer) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def alone(tiny_fp32, tiny_int8, tiny_tokenizer, prompts) -> dict[str, list[list[int]]]:
+def alone(tiny_fp32, tiny_int8, tiny_int8_compiled, tiny_tokenizer, prompts) -> dict[str, list[list[int]]]:
     """20 greedy tokens of each prompt decoded on its own, per decoder (EOS ignored)."""
-    return {name: greedy_alone(decoder, tiny_tokenizer, prompts, 20, eos_token_ids=[])
-            for name, decoder in (("fp32", tiny_fp32), ("int8", tiny_int8))}
+    decoders = (("fp32", tiny_fp32), ("int8", tiny_int8), ("int8-compiled", tiny_int8_compiled))
+    return {name: greedy_alone(decoder, tiny_tokenizer, prompts, 20, eos_token_ids=[]) for name, decoder in decoders}
 
 
 def kind(decoder) -> str:
-    return "int8" if isinstance(decoder, INT8Decoder) else "fp32"
+    if isinstance(decoder, INT8Decoder):
+        return "int8-compiled" if decoder.decode_is_compiled else "int8"
+    return "fp32"
 
 
 def test_batch_of_different_lengths_matches_each_alone(tiny_decoder, tiny_tokenizer, prompts, alone):

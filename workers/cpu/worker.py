@@ -12,5 +12,5 @@ class CPUWorker(BatchingWorker):
     def build_decoder(self) -> INT8Decoder:
         settings = self.settings
         decoder = INT8Decoder(max_batch_size=settings.max_batch_size, max_seq_len=settings.max_seq_len,
-                              threads=settings.torch_threads)
+                              threads=settings.torch_threads, compile_decode=settings.compile_decode)
         return decoder.load_quantized_weights(settings.int8_path)

@@ -7,10 +7,15 @@ of one sequence's prompt into its slot, and `move_slot` compacts the cache when 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from workers.engine.kv_cache import KVCache
-from workers.engine.llama import LlamaConfig, LlamaModel
+from workers.engine.llama import LlamaConfig, LlamaModel, decode_layer
+
+
+log = logging.getLogger(__name__)
 
 
 class Decoder:
@@ -20,13 +25,21 @@ class Decoder:
     dtype: torch.dtype = torch.float32
     static_cache = False
 
-    def __init__(self, *, max_batch_size: int = 32, max_seq_len: int = 2048, threads: int = 0):
+    def __init__(self, *, max_batch_size: int = 32, max_seq_len: int = 2048, threads: int = 0,
+                 compile_decode: bool = False):
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         if threads > 0:
             torch.set_num_threads(threads)
+        self.compile_decode = compile_decode
         self.model: LlamaModel | None = None
         self.cache: KVCache | None = None
+        self._compiled_layer = None
+
+    @property
+    def decode_is_compiled(self) -> bool:
+        """Whether decode steps run the compiled layer (compile_decode asked for it and it compiled)."""
+        return self._compiled_layer is not None
 
     @property
     def config(self) -> LlamaConfig:
@@ -39,6 +52,31 @@ class Decoder:
         config = model.config
         self.max_seq_len = min(self.max_seq_len, config.max_position_embeddings)
         self.cache = self.new_cache(self.max_batch_size)
+        if self.compile_decode:
+            self._compile_decode_layer()
+
+    def _compile_decode_layer(self) -> None:
+        """Compile the decode step's layer now, for one row and for several, so no request waits for it.
+
+        A small decode step is hundreds of tiny torch ops; compiled, each layer's fuse into a few kernels
+        around the matmuls. One graph serves all layers (batch 1 gets its own), so compiling takes seconds
+        rather than minutes, and Inductor caches it on disk. Without a working compiler toolchain the
+        decoder logs why and stays eager.
+        """
+        # Floats (norm epsilon, scales) stay constants: left symbolic, they force a second full trace.
+        # Skipping guards on modules is what lets the layers share a graph; they never change after loading.
+        torch._dynamo.config.specialize_float = True
+        # Sizes that happen to be equal while compiling (batch 2, length 2, 2 KV heads) must not be assumed
+        # equal for ever, or the first batch that differs recompiles.
+        torch.fx.experimental._config.use_duck_shape = False
+        self._compiled_layer = torch.compile(
+            decode_layer, dynamic=True, options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        try:
+            for batch in (1, min(2, self.max_batch_size)):  # size 1 is specialised; 2 covers every larger batch
+                self.decode([0] * batch, [1] * batch)
+        except Exception:  # noqa: BLE001: any compiler failure leaves a working eager decoder
+            log.exception("torch.compile of the decode step failed; decoding eagerly")
+            self._compiled_layer = None
 
     def new_cache(self, slots: int, max_len: int | None = None, static: bool | None = None) -> KVCache:
         """A KV cache of `slots` slots in this decoder's dtype and device, apart from the running batch's.
@@ -70,6 +108,8 @@ class Decoder:
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One step for the sequences in slots 0..B-1: token b goes at `positions[b]`; logits `[B, vocab]`."""
         batch = len(tokens)
+        if self._compiled_layer is not None:
+            return self.model.decode_step(tokens, positions, self.cache, self._compiled_layer)
         return self.model(self._tokens([[t] for t in tokens]), self.cache, slice(0, batch), positions)
 
     def move_slot(self, source: int, target: int, length: int) -> None:

@@ -10,7 +10,9 @@ one fbgemm GEMM for the batch, but every row is computed exactly as if it ran al
 
 from __future__ import annotations
 
+import itertools
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -47,6 +49,37 @@ def quantize_state_dict(state: dict[str, torch.Tensor], tie_word_embeddings: boo
     return out
 
 
+_fbgemm_linear = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32.default  # the overload: no per-call argument scan
+
+PACKED_WEIGHTS: dict[int, object] = {}
+"""fbgemm's packed weights by key: torch.compile cannot trace the packed object, so the op takes its key."""
+
+_next_key = itertools.count()
+
+
+# A plain library op rather than torch.library.custom_op: the latter's Python wrapper costs ~50 us a call,
+# which over the 211 linears of a decode step would undo much of what compiling gains.
+_library = torch.library.Library("llm_server", "DEF")
+_library.define("int8_gemm(Tensor rows, Tensor weights_key, int out_features) -> Tensor")
+
+
+def int8_gemm(rows: torch.Tensor, weights_key: torch.Tensor, out_features: int) -> torch.Tensor:
+    """fbgemm's INT8 GEMM on rows already scaled into [-1, 1], as one opaque op for torch.compile.
+
+    The key is a tensor, not an int: an int would be baked into the compiled graph, and one graph
+    serves every layer.
+    """
+    return _fbgemm_linear(rows, 1.0 / ACTIVATION_LEVELS, ACTIVATION_LEVELS + 1, PACKED_WEIGHTS[int(weights_key)])
+
+
+_library.impl("int8_gemm", int8_gemm, "CPU")
+
+
+@torch.library.register_fake("llm_server::int8_gemm")
+def _(rows: torch.Tensor, weights_key: torch.Tensor, out_features: int) -> torch.Tensor:
+    return rows.new_empty((*rows.shape[:-1], out_features))
+
+
 class Int8Linear(nn.Module):
     """`y = x @ W.T` with INT8 W and per-row INT8 activations through fbgemm; no bias (Llama has none)."""
 
@@ -70,13 +103,18 @@ class Int8Linear(nn.Module):
             weight = torch._make_per_channel_quantized_tensor(
                 self.weight_int8, self.weight_scale.double(), zero_points, 0)
         self.packed = torch.ops.quantized.linear_prepack(weight, None)
+        key = next(_next_key)
+        PACKED_WEIGHTS[key] = self.packed
+        weakref.finalize(self, PACKED_WEIGHTS.pop, key, None)
+        self.register_buffer("weights_key", torch.tensor(key), persistent=False)
         self.weight_int8 = self.weight_scale = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in]; each row gets its own scale, so batching cannot change any row's result.
-        row_max = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_min_(1e-12)
-        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-            x / row_max, 1.0 / ACTIVATION_LEVELS, ACTIVATION_LEVELS + 1, self.packed)
+        row_max = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_min(1e-12)
+        if torch.compiler.is_compiling():
+            return torch.ops.llm_server.int8_gemm(x / row_max, self.weights_key, self.out_features) * row_max
+        y = _fbgemm_linear(x / row_max, 1.0 / ACTIVATION_LEVELS, ACTIVATION_LEVELS + 1, self.packed)
         return y.mul_(row_max)
 
 

@@ -10,6 +10,15 @@ from __future__ import annotations
 import torch
 
 
+def ordinary_tensors() -> torch.inference_mode:
+    """No autograd, and no inference tensors even when called under inference mode.
+
+    The cache is written under inference mode (prefill) and outside it (the compiled decode step, which
+    torch.compile runs under no_grad); an inference tensor would refuse the second kind of write.
+    """
+    return torch.inference_mode(False)
+
+
 class KVCache:
     """Keys and values of every layer for up to `max_slots` sequences of up to `max_len` tokens."""
 
@@ -19,15 +28,16 @@ class KVCache:
         self.max_len = max_len
         capacity = max_len if static else min(initial_len, max_len)
         shape = (max_slots, num_kv_heads, capacity, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        with ordinary_tensors():
+            self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+            self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     @property
     def capacity(self) -> int:
         """Tokens each slot can hold before the cache must grow."""
         return self.keys[0].shape[2]
 
-    @torch.inference_mode()
+    @ordinary_tensors()
     def reserve(self, length: int) -> None:
         """Make room for `length` tokens per slot, doubling capacity (the copy is rare)."""
         if length > self.max_len:
@@ -51,7 +61,7 @@ class KVCache:
         """Views `[B, kv_heads, length, head_dim]` of the slots' first `length` positions."""
         return self.keys[layer][slots, :, :length], self.values[layer][slots, :, :length]
 
-    @torch.inference_mode()
+    @ordinary_tensors()
     def copy_slot(self, source: int, target: int, length: int) -> None:
         """Copy the first `length` positions of one slot into another (compaction, beam forks)."""
         if source == target or length == 0:

@@ -126,11 +126,28 @@ def attend_rows(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step:
     return out
 
 
-def apply_rotary(x: torch.Tensor, step: StepInputs) -> torch.Tensor:
+def masked_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """One query per row over the keys `visible[b]` marks, written as plain reductions for the compiler.
+
+    Inductor turns this into loops that reduce every row the same way, whatever the batch size and the
+    padded length (masked keys add exact zeros): tested bit-identical to the row decoded alone, so the
+    compiled decode step keeps the INT8 decoder's batch invariance without a Python loop over rows.
+    """
+    # q: [B, heads, 1, head_dim]; keys/values: [B, kv_heads, length, head_dim]; visible: [B, length]
+    batch, heads, _, head_dim = q.shape
+    kv_heads = keys.shape[1]
+    q = q.reshape(batch, kv_heads, heads // kv_heads, 1, head_dim)
+    scores = (q * keys[:, :, None]).sum(-1) * head_dim**-0.5  # [B, kv_heads, group, length]
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    out = (scores.softmax(-1)[..., None] * values[:, :, None]).sum(-2)  # [B, kv_heads, group, head_dim]
+    return out.reshape(batch, heads, 1, head_dim)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     """transformers' `x * cos + rotate_half(x) * sin`, with rotate_half as a roll and a signed sin."""
     dtype = x.dtype
     x = x.float()
-    rotated = x * step.cos + x.roll(x.shape[-1] // 2, dims=-1) * step.sin_signed
+    rotated = x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
     return rotated.to(dtype)
 
 
@@ -143,14 +160,20 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, qkv_rows, bias=False)
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, step: StepInputs, cache: KVCache) -> torch.Tensor:
-        # x: [B, T, hidden]
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor):
+        """Rotated queries and keys, and values, each `[B, T, heads, head_dim]`, for inputs `[B, T, hidden]`."""
         batch, steps, _ = x.shape
-        q_size = self.num_heads * self.head_dim
         qkv = self.qkv_proj(x).view(batch, steps, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        qk = apply_rotary(qkv[:, :, : self.num_heads + self.num_kv_heads], step)
-        q, k = qk[:, :, : self.num_heads], qk[:, :, self.num_heads:]
-        v = qkv[:, :, self.num_heads + self.num_kv_heads:]
+        qk = apply_rotary(qkv[:, :, : self.num_heads + self.num_kv_heads], cos, sin_signed)
+        return qk[:, :, : self.num_heads], qk[:, :, self.num_heads:], qkv[:, :, self.num_heads + self.num_kv_heads:]
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """The output projection of attention results `[B, heads, T, head_dim]`."""
+        batch, _, steps, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(batch, steps, self.num_heads * self.head_dim))
+
+    def forward(self, x: torch.Tensor, step: StepInputs, cache: KVCache) -> torch.Tensor:
+        q, k, v = self.project(x, step.cos, step.sin_signed)
         cache.write(self.layer_index, step.slots, step.rows, step.positions, k, v)
         keys, values = cache.read(self.layer_index, step.slots, step.length)  # [B, kv_heads, length, head_dim]
         q = q.transpose(1, 2)  # [B, heads, T, head_dim]
@@ -158,7 +181,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=True)
         else:
             out = attend_rows(q, keys, values, step)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, steps, q_size))
+        return self.output(out)
 
 
 class MLP(nn.Module):
@@ -185,6 +208,25 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def decode_layer(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
+                 positions: torch.Tensor, visible: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """`layer` for one new token in each of slots 0..B-1, on that layer's cache tensors.
+
+    The unit torch.compile compiles: every argument is a tensor or a module of the same shape, so one
+    compiled graph serves all layers, batch sizes and lengths. x `[B, 1, hidden]`; positions `[B, 1]`;
+    visible `[B, length]`; keys/values `[slots, kv_heads, capacity, head_dim]`.
+    """
+    attention = layer.self_attn
+    batch, length = visible.shape
+    q, k, v = attention.project(layer.input_layernorm(x), cos, sin_signed)
+    rows = torch.arange(batch, device=x.device)[:, None]
+    keys[rows, :, positions] = k
+    values[rows, :, positions] = v
+    out = masked_attention(q.transpose(1, 2), keys[:batch, :, :length], values[:batch, :, :length], visible)
+    x = x + attention.output(out)
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
 class LlamaModel(nn.Module):
     """Embeddings, decoder layers, final norm and LM head, with parameter names as in transformers."""
 
@@ -209,12 +251,8 @@ class LlamaModel(nn.Module):
         """
         length = max(starts) + steps
         positions = torch.tensor(starts, device=device)[:, None] + torch.arange(steps, device=device)
-        freqs = positions[..., None].float() * self.inv_freq.float()  # [B, T, head_dim / 2]
-        cos, sin = freqs.cos() * self.rope_scaling, freqs.sin() * self.rope_scaling
-        cos = torch.cat((cos, cos), dim=-1)[:, :, None, :]
-        sin_signed = torch.cat((-sin, sin), dim=-1)[:, :, None, :]
-        rows = torch.arange(len(starts), device=device)[:, None]
-        step = StepInputs(cos, sin_signed, None, rows, positions, slots, length)
+        step = StepInputs(*self.rotary_tables(positions), None, torch.arange(len(starts), device=device)[:, None],
+                          positions, slots, length)
         if self.exact_rows:
             step.spans = list(zip(starts, lengths))
             step.row_masks = [causal_mask(start, n, device) for start, n in step.spans]
@@ -222,6 +260,30 @@ class LlamaModel(nn.Module):
             visible = torch.arange(length, device=device)[None, None, :] <= positions[:, :, None]
             step.mask = torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf"))[:, None]
         return step
+
+    def rotary_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin `[B, T, 1, head_dim]` for token positions `[B, T]` (see apply_rotary)."""
+        freqs = positions[..., None].float() * self.inv_freq.float()  # [B, T, head_dim / 2]
+        cos, sin = freqs.cos() * self.rope_scaling, freqs.sin() * self.rope_scaling
+        return torch.cat((cos, cos), dim=-1)[:, :, None, :], torch.cat((-sin, sin), dim=-1)[:, :, None, :]
+
+    @torch.no_grad()  # not inference_mode, which torch.compile does not trace
+    def decode_step(self, tokens: list[int], positions: list[int], cache: KVCache, run_layer=decode_layer) -> torch.Tensor:
+        """Logits `[B, vocab]` for one new token per slot 0..B-1: `tokens[b]` at `positions[b]`.
+
+        Rows attend through masked_attention, so no Python loop over rows; `run_layer` may be a compiled
+        `decode_layer`.
+        """
+        device = self.embed_tokens.weight.device
+        length = max(positions) + 1
+        cache.reserve(length)
+        positions = torch.tensor(positions, device=device)[:, None]
+        cos, sin_signed = self.rotary_tables(positions)
+        visible = torch.arange(length, device=device)[None, :] <= positions
+        x = self.embed_tokens(torch.tensor(tokens, device=device)[:, None])
+        for layer, keys, values in zip(self.layers, cache.keys, cache.values):
+            x = run_layer(layer, x, cos, sin_signed, positions, visible, keys, values)
+        return self.lm_head(self.norm(x[:, -1])).float()
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, slots: slice, starts: list[int],
