@@ -1,0 +1,25 @@
+"""Settings read from the environment: typed, validated, and wrong values named."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.exceptions import ConfigurationError
+from shared.settings import Settings
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("0", False), ("false", False), ("Off", False), ("1", True),
+                                               ("true", True), ("YES", True)])
+def test_switches_read_the_usual_spellings(raw, expected):
+    assert Settings.from_env({"COMPILE_DECODE": raw}).compile_decode is expected
+
+
+def test_compiling_the_decode_step_is_the_default():
+    assert Settings.from_env({}).compile_decode is True
+
+
+@pytest.mark.parametrize(("name", "raw"), [("COMPILE_DECODE", "maybe"), ("MAX_BATCH_SIZE", "many"),
+                                           ("MAX_BATCH_SIZE", "0"), ("BACKEND_MODE", "tpu")])
+def test_a_bad_value_names_its_variable(name, raw):
+    with pytest.raises(ConfigurationError, match=name):
+        Settings.from_env({name: raw})
