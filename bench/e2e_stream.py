@@ -73,7 +73,8 @@ def measure_in_process(settings: Settings, prompt_ids: list[int], tokens: int, r
 
     tokenizer = load_tokenizer(settings.model_dir)
     decoder = INT8Decoder(max_batch_size=settings.max_batch_size, max_seq_len=settings.max_seq_len,
-                          threads=settings.torch_threads).load_quantized_weights(settings.int8_path)
+                          threads=settings.torch_threads, compile_decode=settings.compile_decode,
+                          ).load_quantized_weights(settings.int8_path)
     engine = Engine(decoder, tokenizer.backend, tokenizer.eos_token_ids, prefill_chunk=settings.prefill_chunk,
                     max_tokens_in_flight=settings.max_tokens_in_flight)
     time_in_process(engine, prompt_ids, WARMUP_TOKENS)
