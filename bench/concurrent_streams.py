@@ -24,6 +24,7 @@ from collections.abc import Callable
 from bench.common import machine, median, percentile, write_section
 from bench.service import (
     DEFAULT_LLAMA_PYTHON,
+    LONG_ANSWER_PROMPT,
     StreamTiming,
     gguf_model,
     llama_available,
@@ -39,7 +40,7 @@ from shared.model_files import force_offline
 from shared.settings import Settings
 from shared.tokenizer import load_tokenizer
 
-PROMPT = "Write a long story about a robot who learns to paint."
+PROMPT = LONG_ANSWER_PROMPT
 OURS, LLAMA = "ours (end-to-end)", "llama.cpp server"
 WARMUP_TOKENS = 8
 

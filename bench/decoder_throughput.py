@@ -74,8 +74,7 @@ def main() -> None:
         "transformers generate fp32": lambda b, n: time_generate(hf, prompt_ids, b, n),
         "transformers generate + dynamic INT8": lambda b, n: time_generate(hf_int8, prompt_ids, b, n),
     }
-    int8 = INT8Decoder(max_batch_size=biggest, max_seq_len=length,
-                       compile_decode=settings.compile_decode).load_quantized_weights(settings.int8_path)
+    int8 = INT8Decoder.from_settings(settings, max_batch_size=biggest, max_seq_len=length)
     fp32 = CUDADecoder(device="cpu", max_batch_size=biggest, max_seq_len=length).load_weights(settings.model_path)
     results: dict[str, dict[int, float]] = {name: {} for name in runners}
     for batch in args.batches:

@@ -31,6 +31,7 @@ import time
 from bench.common import machine, median, write_section
 from bench.service import (
     DEFAULT_LLAMA_PYTHON,
+    LONG_ANSWER_PROMPT,
     StreamTiming,
     gguf_model,
     llama_available,
@@ -46,7 +47,7 @@ from shared.sampling import SamplingParams
 from shared.settings import Settings
 from shared.tokenizer import load_tokenizer
 
-PROMPT = "Write a long story about a robot who learns to paint."
+PROMPT = LONG_ANSWER_PROMPT
 WARMUP_TOKENS = 8
 TARGET_VS_IN_PROCESS = 0.9
 TARGET_VS_LLAMA = 0.7
@@ -72,9 +73,7 @@ def measure_in_process(settings: Settings, prompt_ids: list[int], tokens: int, r
     from workers.engine.engine import Engine
 
     tokenizer = load_tokenizer(settings.model_dir)
-    decoder = INT8Decoder(max_batch_size=settings.max_batch_size, max_seq_len=settings.max_seq_len,
-                          threads=settings.torch_threads, compile_decode=settings.compile_decode,
-                          ).load_quantized_weights(settings.int8_path)
+    decoder = INT8Decoder.from_settings(settings)
     engine = Engine(decoder, tokenizer.backend, tokenizer.eos_token_ids, prefill_chunk=settings.prefill_chunk,
                     max_tokens_in_flight=settings.max_tokens_in_flight)
     time_in_process(engine, prompt_ids, WARMUP_TOKENS)

@@ -175,8 +175,7 @@ def main() -> None:
     tokenizer = load_tokenizer(settings.model_dir)
     slots, length = len(CHAT_PROMPTS) + len(RAW_PROMPTS), PERPLEXITY_TOKENS + args.tokens
     fp32 = CUDADecoder(device="cpu", max_batch_size=slots, max_seq_len=length).load_weights(settings.model_path)
-    int8 = INT8Decoder(max_batch_size=slots, max_seq_len=length,
-                       compile_decode=settings.compile_decode).load_quantized_weights(settings.int8_path)
+    int8 = INT8Decoder.from_settings(settings, max_batch_size=slots, max_seq_len=length)
     text = report(measure(fp32, int8, tokenizer, args.tokens), args.tokens)
     print(text)
     if args.write:

@@ -60,9 +60,8 @@ def main() -> None:
     force_offline()
     settings = Settings.from_env()
     tokenizer = load_tokenizer(settings.model_dir)
-    decoder = INT8Decoder(max_batch_size=args.running + 1, max_seq_len=args.prompt_tokens + 512,
-                          threads=settings.torch_threads, compile_decode=settings.compile_decode,
-                          ).load_quantized_weights(settings.int8_path)
+    decoder = INT8Decoder.from_settings(settings, max_batch_size=args.running + 1,
+                                        max_seq_len=args.prompt_tokens + 512)
     rows = ["| prefill chunk | decode step (median) | longest step during the prefill | new prompt's TTFT |",
             "|---|---|---|---|"]
     for chunk in args.chunks:

@@ -26,6 +26,9 @@ import redis
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
+LONG_ANSWER_PROMPT = "Write a long story about a robot who learns to paint."
+"""The chat prompt both service benchmarks stream: our stack stops at EOS, so it asks for a long answer."""
+
 STARTUP_TIMEOUT_S = 300
 """Model loading takes a while on a busy 2-core machine."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from shared.model_files import read_config
+from shared.settings import Settings
 from workers.engine.decoder import Decoder
 from workers.engine.int8 import Int8Linear, pack_all
 from workers.engine.llama import LlamaConfig, build_model
@@ -25,3 +26,10 @@ class INT8Decoder(Decoder):
         model.exact_rows = True
         self._attach(model)
         return self
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **limits) -> INT8Decoder:
+        """The decoder as a CPU worker loads it; `limits` may override max_batch_size and max_seq_len."""
+        options = {"max_batch_size": settings.max_batch_size, "max_seq_len": settings.max_seq_len,
+                   "threads": settings.torch_threads, "compile_decode": settings.compile_decode, **limits}
+        return cls(**options).load_quantized_weights(settings.int8_path)
