@@ -156,3 +156,38 @@ def test_cache_growth_mid_decode_keeps_earlier_keys(tiny_dir, tiny_hf, tiny_toke
     expected = transformers_greedy(tiny_hf, prompt, 32, tiny_tokenizer.eos_token_ids)
     neighbour = tiny_tokenizer.encode("a short neighbour")
     assert greedy(decoder, tiny_tokenizer, [prompt, neighbour], 32)[0] == expected
+
+
+def test_a_worker_takes_only_what_its_next_prefill_uses(tiny_fp32, tiny_tokenizer):
+    # Requests arriving together are prefilled together, but a worker never hoards its pool's queue.
+    engine = Engine(tiny_fp32, tiny_tokenizer.backend, [], prefill_chunk=24)
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    taken = []
+    while engine.wants_more():
+        sequence = Sequence(str(len(taken)), list(range(5, 15)), params, tiny_tokenizer.backend)  # 10 tokens
+        engine.add(sequence)
+        taken.append(sequence)
+    assert len(taken) == 3  # after 10 + 10 waiting tokens the next prefill (24) still has room; 30 fill it
+    engine.step()
+    assert len(engine.running) == 2 and [s.slot for s in taken[:2]] == [0, 1]  # prefilled together
+    assert list(engine.waiting) == [taken[2]]  # over the budget: it waits for the next step
+
+
+def test_a_full_batch_takes_no_more(tiny_dir, tiny_tokenizer):
+    decoder = load_fp32(tiny_dir, max_batch_size=2)
+    engine = Engine(decoder, tiny_tokenizer.backend, [], prefill_chunk=256)
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    for index in range(2):
+        assert engine.wants_more()
+        engine.add(Sequence(str(index), [5, 6, 7], params, tiny_tokenizer.backend))
+    assert not engine.wants_more()
+    engine.step()
+    assert len(engine.running) == 2 and not engine.wants_more()
+
+
+def test_the_int8_decoders_kv_cache_takes_half_the_memory(tiny_dir):
+    # Decode attention reads the whole cache every step; half precision halves that traffic and the memory.
+    def cache_bytes(decoder):
+        return sum(t.numel() * t.element_size() for t in (*decoder.cache.keys, *decoder.cache.values))
+
+    assert cache_bytes(load_int8(tiny_dir)) * 2 == cache_bytes(load_fp32(tiny_dir))

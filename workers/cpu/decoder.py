@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from shared.model_files import read_config
 from shared.settings import Settings
 from workers.engine.decoder import Decoder
@@ -14,6 +16,8 @@ from workers.engine.weights import fuse_projections, load_state_dict
 
 class INT8Decoder(Decoder):
     """The CPU pool's decoder. Load with `load_quantized_weights(settings.int8_path)`."""
+
+    cache_dtype = torch.float16
 
     def load_quantized_weights(self, folder: Path | str) -> INT8Decoder:
         """Load the INT8 weights and scales made by `python -m workers.prepare_weights`."""

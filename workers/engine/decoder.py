@@ -23,6 +23,8 @@ class Decoder:
 
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
+    cache_dtype: torch.dtype | None = None
+    """The KV cache's dtype when it differs from `dtype`."""
     static_cache = False
 
     def __init__(self, *, max_batch_size: int = 32, max_seq_len: int = 2048, threads: int = 0,
@@ -86,7 +88,8 @@ class Decoder:
         config = self.config
         return KVCache(
             num_layers=config.num_layers, max_slots=slots, num_kv_heads=config.num_kv_heads,
-            head_dim=config.head_dim, max_len=max_len or self.max_seq_len, dtype=self.dtype, device=self.device,
+            head_dim=config.head_dim, max_len=max_len or self.max_seq_len, dtype=self.cache_dtype or self.dtype,
+            device=self.device,
             static=self.static_cache if static is None else static,
         )
 

@@ -53,8 +53,18 @@ class Engine:
         return sum(s.reserved_tokens for s in self.active)
 
     def wants_more(self) -> bool:
-        """Whether a new sequence could start soon: a slot is free and nobody is already waiting for one."""
-        return not self.waiting and len(self.active) < self.decoder.max_batch_size
+        """Whether to take one more queued request: it would get a slot, and the next step's prefill.
+
+        Requests that arrive together are then prefilled together, one padded pass for the group rather
+        than one step each; taking no more than the next prefill uses leaves the rest of the queue to
+        other workers. Nothing is taken while a waiting request is held back by the KV budget.
+        """
+        if len(self.active) + len(self.waiting) >= self.decoder.max_batch_size:
+            return False
+        if not self.waiting:
+            return True
+        return (self.prefilling is None and self._can_admit(self.waiting[0], [])
+                and sum(len(s.prompt_ids) for s in self.waiting) < self.prefill_chunk)
 
     def _can_admit(self, sequence: Sequence, joining: list[Sequence]) -> bool:
         """Whether `sequence` fits beside the running ones and those `joining` in this step."""

@@ -26,6 +26,7 @@ class KVCache:
                  dtype: torch.dtype, device: torch.device | str, initial_len: int = 256, static: bool = False):
         self.max_slots = max_slots
         self.max_len = max_len
+        self.dtype = dtype
         capacity = max_len if static else min(initial_len, max_len)
         shape = (max_slots, num_kv_heads, capacity, head_dim)
         with ordinary_tensors():
@@ -54,8 +55,8 @@ class KVCache:
     def write(self, layer: int, slots: slice, rows: torch.Tensor, positions: torch.Tensor,
               key: torch.Tensor, value: torch.Tensor) -> None:
         """Store `key`/`value` `[B, T, kv_heads, head_dim]` at `positions` `[B, T]` of rows `[B, 1]` of the slots."""
-        self.keys[layer][slots][rows, :, positions] = key
-        self.values[layer][slots][rows, :, positions] = value
+        self.keys[layer][slots][rows, :, positions] = key.to(self.dtype)
+        self.values[layer][slots][rows, :, positions] = value.to(self.dtype)
 
     def read(self, layer: int, slots: slice, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views `[B, kv_heads, length, head_dim]` of the slots' first `length` positions."""

@@ -176,6 +176,7 @@ class Attention(nn.Module):
         q, k, v = self.project(x, step.cos, step.sin_signed)
         cache.write(self.layer_index, step.slots, step.rows, step.positions, k, v)
         keys, values = cache.read(self.layer_index, step.slots, step.length)  # [B, kv_heads, length, head_dim]
+        keys, values = keys.to(q.dtype), values.to(q.dtype)  # a half-precision cache (INT8 decoder)
         q = q.transpose(1, 2)  # [B, heads, T, head_dim]
         if step.spans is None:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=True)
@@ -220,8 +221,8 @@ def decode_layer(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin_si
     batch, length = visible.shape
     q, k, v = attention.project(layer.input_layernorm(x), cos, sin_signed)
     rows = torch.arange(batch, device=x.device)[:, None]
-    keys[rows, :, positions] = k
-    values[rows, :, positions] = v
+    keys[rows, :, positions] = k.to(keys.dtype)
+    values[rows, :, positions] = v.to(values.dtype)
     out = masked_attention(q.transpose(1, 2), keys[:batch, :, :length], values[:batch, :, :length], visible)
     x = x + attention.output(out)
     return x + layer.mlp(layer.post_attention_layernorm(x))
