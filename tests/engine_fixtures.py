@@ -115,6 +115,12 @@ def real_int8() -> INT8Decoder:
 
 
 @pytest.fixture(scope="session")
+def real_int8_residual() -> INT8Decoder:
+    """SmolLM2 on the INT8 decoder in its two-pass (residual) form, loaded once per session."""
+    return load_int8(REAL_WEIGHTS, max_batch_size=8, max_seq_len=1024, residual=True)
+
+
+@pytest.fixture(scope="session")
 def real_int8_compiled() -> INT8Decoder:
     """SmolLM2 on the INT8 decoder with its decode step compiled, loaded once per session."""
     return load_int8(REAL_WEIGHTS, max_batch_size=8, max_seq_len=1024, compile_decode=True)

@@ -82,9 +82,11 @@ def load_fp32(folder: Path, max_batch_size: int = 8, max_seq_len: int = 256) -> 
     return CUDADecoder(device="cpu", max_batch_size=max_batch_size, max_seq_len=max_seq_len).load_weights(folder)
 
 
-def load_int8(folder: Path, max_batch_size: int = 8, max_seq_len: int = 256, compile_decode: bool = False) -> INT8Decoder:
+def load_int8(folder: Path, max_batch_size: int = 8, max_seq_len: int = 256, compile_decode: bool = False,
+              residual: bool = False) -> INT8Decoder:
     """The CPU pool's decoder, from the `int8/` folder the weights command writes."""
-    decoder = INT8Decoder(max_batch_size=max_batch_size, max_seq_len=max_seq_len, compile_decode=compile_decode)
+    decoder = INT8Decoder(max_batch_size=max_batch_size, max_seq_len=max_seq_len, compile_decode=compile_decode,
+                          residual=residual)
     return decoder.load_quantized_weights(folder / "int8")
 
 

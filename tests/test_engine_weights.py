@@ -20,7 +20,7 @@ from tests.engine_helpers import REAL_WEIGHTS, make_tiny_checkpoint
 from workers import prepare_weights
 from workers.cpu.decoder import INT8Decoder
 from workers.engine import int8_gemm
-from workers.engine.int8 import ACTIVATION_LEVELS, Int8Linear, quantize_weight
+from workers.engine.int8 import ACTIVATION_LEVELS, Int8Linear, quantize_state_dict, quantize_weight
 from workers.engine.kv_cache import KVCache
 from workers.engine.llama import LlamaConfig, build_model
 from workers.engine.smoothing import activation_maxima, smooth_state_dict
@@ -67,6 +67,7 @@ def test_prepare_writes_fp32_and_int8_folders_from_a_hugging_face_checkpoint(tin
         assert "lm_head.weight" in linear  # tied in the checkpoint, quantized on its own
         assert all(tensors.get_tensor(f"{n}_int8").dtype == torch.int8 for n in linear)
         assert all(f"{n}_scale" in names and n not in names for n in linear)
+        assert all(f"{n}_int8_residual" in names and f"{n}_scale_residual" in names for n in linear)
 
 
 def test_second_run_says_already_prepared_and_does_no_work(tiny_dir, monkeypatch, capsys):
@@ -183,6 +184,37 @@ def test_int8_linear_error_against_the_fp32_matmul(weight):
     error = (layer(x) - exact).norm(dim=-1) / exact.norm(dim=-1)
     # Activation codes dominate: about 1/(levels * 3) of a Gaussian row's scale (levels 127 or 63 by CPU).
     assert error.max() < 2.0 / ACTIVATION_LEVELS
+
+
+def residual_int8_linear(weight: torch.Tensor) -> Int8Linear:
+    layer = Int8Linear(weight.shape[1], weight.shape[0])
+    state = quantize_state_dict({"up_proj.weight": weight}, tie_word_embeddings=False)
+    layer.weight_int8, layer.weight_scale = state["up_proj.weight_int8"], state["up_proj.weight_scale"]
+    layer.weight_int8_residual = state["up_proj.weight_int8_residual"]
+    layer.weight_scale_residual = state["up_proj.weight_scale_residual"]
+    layer.pack(residual=True)
+    return layer
+
+
+def test_two_pass_int8_linear_is_about_16_bit_accurate(weight):
+    x = torch.randn(32, 256, generator=torch.Generator().manual_seed(2))
+    exact = x @ weight.T
+
+    def error(layer):
+        return ((layer(x) - exact).norm(dim=-1) / exact.norm(dim=-1)).max()
+
+    assert error(residual_int8_linear(weight)) < 1e-3
+    assert error(residual_int8_linear(weight)) < error(int8_linear(weight)) / 20
+
+
+def test_two_pass_int8_linear_rows_do_not_depend_on_their_batch(weight):
+    layer = residual_int8_linear(weight)
+    x = torch.randn(9, 256, generator=torch.Generator().manual_seed(1))
+    x[4] *= 100
+    together = layer(x)
+    for row in range(9):
+        assert torch.equal(layer(x[row: row + 1]), together[row: row + 1])
+    assert torch.equal(layer(x.view(3, 3, 256)), together.view(3, 3, -1))
 
 
 def test_int8_linear_is_exact_at_full_scale():

