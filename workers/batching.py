@@ -23,7 +23,7 @@ from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
 from shared.exceptions import ConfigurationError
-from shared.events import EventPublisher, cancel_key
+from shared.events import EventPublisher, cancel_key, publish_many
 from shared.jobs import GenerationJob, JobKind
 from shared.model_files import force_offline
 from shared.settings import Settings
@@ -31,7 +31,6 @@ from shared.tokenizer import load_tokenizer
 from workers.engine.decoder import Decoder
 from workers.engine.engine import Engine
 from workers.engine.sequence import FinishReason, Sequence, Update
-from workers.event_sender import EventSender
 from workers.tasks import BeamTask, ScoreTask
 
 SIDE_TASKS = {JobKind.BEAM: BeamTask, JobKind.SCORE: ScoreTask}
@@ -68,7 +67,6 @@ class BatchingWorker(SimpleWorker):
         self.engine: Engine | None = None
         self.running: dict[str, RunningJob] = {}
         self._last_heartbeat = 0.0
-        self.sender = EventSender(self.connection)
 
     def build_decoder(self) -> Decoder:
         """The pool's decoder with its weights loaded."""
@@ -111,14 +109,10 @@ class BatchingWorker(SimpleWorker):
                 self.keep_heartbeats()
         except Exception:  # a bug in a step must not strand clients: fail what is running, keep serving
             self.log.exception("Worker %s: batch step failed", self.name)
-            self.sender.flush(raise_error=False)  # a failed send may be what failed the step
             for entry in list(self.running.values()):
                 self.fail(entry, "internal_error", "the worker failed while generating", sys.exc_info())
             self.engine = self.engine_for(self.engine.decoder)  # the model stays loaded
         finally:
-            error = self.sender.flush(raise_error=False)
-            if error is not None:
-                self.log.error("Worker %s: token events could not be sent: %s", self.name, error)
             self.set_state(WorkerStatus.IDLE)
 
     def admit_queued_jobs(self) -> None:
@@ -185,7 +179,7 @@ class BatchingWorker(SimpleWorker):
             if update.token is not None:
                 data = {"token": update.token, "text": update.text, "index": update.index}
                 events.append((self.running[update.sequence.id].publisher, "token", data))
-        self.sender.send(events)
+        publish_many(self.connection, events)
         for update in updates:
             if update.finished:
                 self.settle(self.running[update.sequence.id])
@@ -202,9 +196,8 @@ class BatchingWorker(SimpleWorker):
             except ValueError as exc:
                 self.fail(entry, "invalid_job", str(exc), sys.exc_info())
                 continue
-            self.sender.send([(entry.publisher, kind, data) for kind, data in events if kind != "done"])
+            publish_many(self.connection, [(entry.publisher, kind, data) for kind, data in events if kind != "done"])
             if finished:
-                self.sender.flush()
                 result = next(data for kind, data in events if kind == "done")
                 self.running.pop(entry.job.id, None)
                 self._finalize_success(entry.job, entry.queue, entry.execution, result)
@@ -220,7 +213,6 @@ class BatchingWorker(SimpleWorker):
     def settle(self, entry: RunningJob) -> None:
         """Record a finished sequence's outcome in RQ: finished, failed (timeout) or canceled."""
         sequence = entry.sequence
-        self.sender.flush()  # its token events come before its settlement and its last event
         if sequence.finish_reason != FinishReason.CANCELLED:
             self.running.pop(entry.job.id, None)
             result = self.result(entry)
@@ -241,14 +233,12 @@ class BatchingWorker(SimpleWorker):
     def fail(self, entry: RunningJob, error_type: str, message: str, exc_info) -> None:
         """Publish an `error` event and mark the job failed in RQ."""
         self.running.pop(entry.job.id, None)
-        self.sender.flush()
         self._finalize_failure(entry.job, entry.queue, entry.execution, exc_info)
         entry.publisher.publish("error", {"error": {"type": error_type, "message": message}})
 
     def cancel(self, entry: RunningJob) -> None:
         """Publish a `cancelled` error event and move the job to RQ's canceled registry."""
         self.running.pop(entry.job.id, None)
-        self.sender.flush()
         with self.connection.pipeline() as pipeline:
             self.cleanup_execution(entry.job, pipeline=pipeline, execution=entry.execution)
             pipeline.execute()
