@@ -95,7 +95,8 @@ def main() -> None:
     print(table)
     print("\n".join(notes))
     if args.write:
-        write_section("Decoder throughput (decode tokens/s)",
+        mode = " with INT8_RESIDUAL=1" if settings.int8_residual else ""
+        write_section(f"Decoder throughput (decode tokens/s){mode}",
                       f"Machine: {machine()}, torch threads {torch.get_num_threads()}. {args.tokens} new tokens per "
                       f"sequence, prefill excluded (see the script), medians of {args.repeats} runs, all in one run of "
                       f"`python -m bench.decoder_throughput`; INT8 decode step compiled: {settings.compile_decode}.\n\n"

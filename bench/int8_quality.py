@@ -179,10 +179,15 @@ def main() -> None:
     text = report(measure(fp32, int8, tokenizer, args.tokens), args.tokens)
     print(text)
     if args.write:
-        write_section("INT8 quality (vs the fp32 path)",
+        from workers.engine.int8_gemm import ACTIVATION_LEVELS
+
+        codes = "8-bit" if ACTIVATION_LEVELS == 127 else "7-bit"
+        form = ("two passes: the weights' and activations' rounding residuals too"
+                if settings.int8_residual else "one pass")
+        write_section("INT8 quality (vs the fp32 path)" + (", INT8_RESIDUAL=1" if settings.int8_residual else ""),
                       f"Machine: {machine()}. One run of `python -m bench.int8_quality --tokens {args.tokens}`; "
-                      "INT8 = `INT8Decoder` (SmoothQuant alpha 0.5, per-channel INT8 weights, per-row 7-bit "
-                      "activations), fp32 = `CUDADecoder(device=\"cpu\")`, both greedy. The greedy outputs "
+                      f"INT8 = `INT8Decoder` (SmoothQuant alpha 0.5, per-channel INT8 weights, per-row {codes} "
+                      f"activation codes, {form}), fp32 = `CUDADecoder(device=\"cpu\")`, both greedy. The greedy outputs "
                       "part where fp32 itself hesitates (its top token at p < 0.5): compare the agreement rates "
                       "below with and without that condition.\n\n" + text)
 
