@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from shared.exceptions import ModelFilesMissing
 from shared.model_files import require_model_dir
@@ -87,6 +88,16 @@ def test_the_default_command_on_the_prepared_smollm2_does_no_work(monkeypatch, c
     prepare_weights.main(["--out", str(REAL_WEIGHTS)])
     assert "already prepared" in capsys.readouterr().out
     assert snapshot(REAL_WEIGHTS) == before
+
+
+def test_int8_weights_from_an_older_weights_command_are_refused_by_name(tiny_dir, tmp_path):
+    old = tmp_path / "int8"
+    old.mkdir()
+    (old / "config.json").write_text((tiny_dir / "int8" / "config.json").read_text())
+    state = load_state_dict(tiny_dir / "int8")
+    save_file({k: v for k, v in state.items() if "_residual" not in k}, str(old / "model.safetensors"))
+    with pytest.raises(ModelFilesMissing, match="current format.*prepare_weights"):
+        INT8Decoder().load_quantized_weights(old)
 
 
 def test_a_failed_run_leaves_no_half_made_folder(tmp_path, monkeypatch):

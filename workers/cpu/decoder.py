@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from shared.exceptions import ModelFilesMissing
 from shared.model_files import read_config
 from shared.settings import Settings
 from workers.engine.decoder import Decoder
@@ -29,6 +30,8 @@ class INT8Decoder(Decoder):
         """Load the INT8 weights and scales made by `python -m workers.prepare_weights`."""
         config = LlamaConfig.from_dict(read_config(folder))
         state = load_state_dict(folder)
+        if not any(name.endswith("_int8_residual") for name in state):  # made before residuals were written
+            raise ModelFilesMissing(Path(folder).resolve(), "INT8 weights in the current format")
         for suffix in QUANTIZED_SUFFIXES:
             state = fuse_projections(state, f"weight_{suffix}")
         model = build_model(config, state, linear_factory=Int8Linear.like)
