@@ -20,6 +20,19 @@ def test_compiled_decode_serves_new_batch_sizes_and_lengths_without_recompiling(
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames_before
 
 
+def test_a_two_pass_decoder_compiled_beside_a_one_pass_one_runs_its_own_graph(tiny_dir, tiny_int8_compiled,
+                                                                               tiny_tokenizer):
+    # Same shapes, different arithmetic: sharing the one-pass graph would drop the residual pass.
+    two_pass_compiled = load_int8(tiny_dir, compile_decode=True, residual=True)
+    assert two_pass_compiled.decode_is_compiled
+    prompts = tiny_prompts(tiny_tokenizer)
+    two_pass_eager = load_int8(tiny_dir, residual=True)
+    assert greedy(two_pass_compiled, tiny_tokenizer, prompts, 8, eos_token_ids=[]) == greedy(
+        two_pass_eager, tiny_tokenizer, prompts, 8, eos_token_ids=[])
+    logits = {d: d.decode([5, 7], [3, 3]) for d in (tiny_int8_compiled, two_pass_compiled)}
+    assert not torch.equal(logits[tiny_int8_compiled], logits[two_pass_compiled])
+
+
 def test_a_failing_compiler_leaves_a_working_eager_decoder(tiny_dir, tiny_int8, tiny_tokenizer, monkeypatch, caplog):
     def broken_compile(fn, **options):
         def run(*args):

@@ -26,6 +26,10 @@ class INT8Decoder(Decoder):
         super().__init__(**options)
         self.residual = residual
 
+    @property
+    def variant(self) -> str:
+        return "INT8Decoder_residual" if self.residual else "INT8Decoder"
+
     def load_quantized_weights(self, folder: Path | str) -> INT8Decoder:
         """Load the INT8 weights and scales made by `python -m workers.prepare_weights`."""
         config = LlamaConfig.from_dict(read_config(folder))

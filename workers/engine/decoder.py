@@ -7,7 +7,9 @@ of one sequence's prompt into its slot, and `move_slot` compacts the cache when 
 
 from __future__ import annotations
 
+import functools
 import logging
+import types
 
 import torch
 
@@ -18,6 +20,18 @@ from workers.engine.llama import LlamaConfig, LlamaModel, decode_layer
 log = logging.getLogger(__name__)
 
 
+@functools.cache
+def layer_function(variant: str):
+    """`decode_layer` under a code object of its own for each decoder variant.
+
+    Dynamo keeps compiled graphs per code object, and the compiled step skips guards on modules (that is
+    what lets all layers share one graph), so it would not notice a module attribute that differs between
+    two decoders of the same shapes, such as the INT8 layers' two-pass form: each variant gets its own.
+    """
+    code = decode_layer.__code__.replace(co_name=f"decode_layer_{variant}")
+    return types.FunctionType(code, decode_layer.__globals__, code.co_name, decode_layer.__defaults__)
+
+
 class Decoder:
     """Batched inference over a slot KV cache. Subclasses load weights and choose device and dtype."""
 
@@ -26,6 +40,11 @@ class Decoder:
     cache_dtype: torch.dtype | None = None
     """The KV cache's dtype when it differs from `dtype`."""
     static_cache = False
+
+    @property
+    def variant(self) -> str:
+        """What, besides tensor shapes, changes the compiled decode step; decoders of one variant share it."""
+        return type(self).__name__
 
     def __init__(self, *, max_batch_size: int = 32, max_seq_len: int = 2048, threads: int = 0,
                  compile_decode: bool = False):
@@ -72,7 +91,7 @@ class Decoder:
         # equal for ever, or the first batch that differs recompiles.
         torch.fx.experimental._config.use_duck_shape = False
         self._compiled_layer = torch.compile(
-            decode_layer, dynamic=True, options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+            layer_function(self.variant), dynamic=True, options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         try:
             for batch in (1, min(2, self.max_batch_size)):  # size 1 is specialised; 2 covers every larger batch
                 self.decode([0] * batch, [1] * batch)
