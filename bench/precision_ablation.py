@@ -57,17 +57,26 @@ def q4_1_grid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return codes.view(rows, columns).int(), scale, minimum
 
 
+class Int4Linear(torch.nn.Module):
+    """A layer linear on torch's int4 CPU kernel: exact 4-bit weights, bf16 in and out."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        codes, scale, minimum = q4_1_grid(weight)
+        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(codes, 2))
+        # The kernel computes (code - 8) * scale + zero, with scale and zero in the activations' dtype.
+        scales_and_zeros = torch.stack([scale.t(), (minimum + 8 * scale).t()], -1).bfloat16().contiguous()
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).bfloat16()
+        out = torch._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, self.scales_and_zeros)
+        return out.float().view(*x.shape[:-1], -1)
+
+
 def torch_int4_kernel(linear) -> callable:
     """The layer's exact 4-bit weights through torch's int4 CPU kernel (bf16 in and out)."""
-    codes, scale, minimum = q4_1_grid(linear.weight.data)
-    packed = torch._convert_weight_to_int4pack_for_cpu(codes, 2)
-    # The kernel computes (code - 8) * scale + zero, with scale and zero in the activations' dtype.
-    scales_and_zeros = torch.stack([scale.t(), (minimum + 8 * scale).t()], -1).bfloat16().contiguous()
-
-    def forward(x):
-        rows = x.reshape(-1, x.shape[-1]).bfloat16()
-        return torch._weight_int4pack_mm_for_cpu(rows, packed, GROUP, scales_and_zeros).float().view(*x.shape[:-1], -1)
-    return forward
+    return Int4Linear(linear.weight.data)
 
 
 def bf16_activations(linear) -> callable:
@@ -97,22 +106,6 @@ def simulated(load_fp32, make_forward, head: bool) -> object:
         if isinstance(module, torch.nn.Linear) and (head or name != "lm_head"):
             module.forward = types.MethodType(lambda self, x, f=make_forward(module): f(x), module)
     return decoder
-
-
-class Int4Linear(torch.nn.Module):
-    """A layer linear on torch's int4 kernel, for timing (`--speed`)."""
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        codes, scale, minimum = q4_1_grid(weight)
-        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(codes, 2))
-        scales_and_zeros = torch.stack([scale.t(), (minimum + 8 * scale).t()], -1).bfloat16().contiguous()
-        self.register_buffer("scales_and_zeros", scales_and_zeros)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).bfloat16()
-        out = torch._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, self.scales_and_zeros)
-        return out.float().view(*x.shape[:-1], -1)
 
 
 def step_times(settings, repeats: int = 3) -> list[str]:
