@@ -28,7 +28,7 @@ class INT8Decoder(Decoder):
 
     @property
     def variant(self) -> str:
-        return "INT8Decoder_residual" if self.residual else "INT8Decoder"
+        return f"{super().variant}_residual" if self.residual else super().variant
 
     def load_quantized_weights(self, folder: Path | str) -> INT8Decoder:
         """Load the INT8 weights and scales made by `python -m workers.prepare_weights`."""
