@@ -1,6 +1,6 @@
 """A batch of generation jobs in Redis: its record, enqueueing its jobs, and reading their outcomes.
 
-`llm:batch:<id>` is a hash (`job_ids`, `prompts`, `prompt_tokens` as JSON lists, `backend`) that lives
+`llm:batch:<id>` is a hash (`job_ids`, `prompts` as JSON lists, `backend`) that lives
 BATCH_TTL_S; it is written in the same MULTI as the jobs are enqueued, so a batch is never half there.
 A job's outcome comes from its event backlog (its terminal `done` or `error` event). The backlog lives
 only BACKLOG_TTL_S, so the jobs are enqueued to keep their RQ result (the `done` event's data) for
@@ -20,11 +20,10 @@ from rq.job import JobStatus
 
 from api.generation import result_body
 from api.job_state import GONE_STATUSES, fetch_job, follow_job
-from api.pipeline import JobOutput
 from api.routing import submit_many
 from shared.events import Event, backlog_key, read_backlog
 from shared.exceptions import NotFoundError
-from shared.jobs import GenerationJob
+from shared.protocol import DoneEvent, ErrorBody, GenerationJob
 from shared.settings import Settings
 
 BATCH_KEY_PREFIX = "llm:batch:"
@@ -45,27 +44,23 @@ class BatchRecord:
     batch_id: str
     job_ids: list[str]
     prompts: list[str]
-    prompt_tokens: list[int]
     backend: str
 
     def to_hash(self) -> dict[str, str]:
         """The Redis hash's fields."""
-        return {"job_ids": json.dumps(self.job_ids), "prompts": json.dumps(self.prompts),
-                "prompt_tokens": json.dumps(self.prompt_tokens), "backend": self.backend}
+        return {"job_ids": json.dumps(self.job_ids), "prompts": json.dumps(self.prompts), "backend": self.backend}
 
     @classmethod
     def from_hash(cls, batch_id: str, fields: dict[bytes, bytes]) -> BatchRecord:
         """Rebuild a record from its hash (as read with HGETALL)."""
         values = {key.decode(): value.decode() for key, value in fields.items()}
-        return cls(batch_id, json.loads(values["job_ids"]), json.loads(values["prompts"]),
-                   json.loads(values["prompt_tokens"]), values["backend"])
+        return cls(batch_id, json.loads(values["job_ids"]), json.loads(values["prompts"]), values["backend"])
 
 
 def create_batch(connection: redis.Redis, jobs: list[GenerationJob], prompts: list[str],
                  settings: Settings) -> BatchRecord:
     """Record the batch and enqueue its jobs, all in one MULTI (one round trip)."""
-    record = BatchRecord(uuid.uuid4().hex, [job.job_id for job in jobs], prompts,
-                         [len(job.prompt_ids) for job in jobs], jobs[0].backend)
+    record = BatchRecord(uuid.uuid4().hex, [job.job_id for job in jobs], prompts, jobs[0].backend)
     with connection.pipeline() as pipe:
         pipe.hset(batch_key(record.batch_id), mapping=record.to_hash())
         pipe.expire(batch_key(record.batch_id), settings.batch_ttl_s)
@@ -88,11 +83,8 @@ def slot(record: BatchRecord, index: int, events: list[Event]) -> dict | None:
         return None
     last = events[-1]
     if last.type == "error":
-        return {"error": last.data.get("error") or {"type": "internal_error", "message": "generation failed"}}
-    tokens = [event.data for event in events if event.type == "token"]
-    output = JobOutput(last.data, [token["token"] for token in tokens], "".join(t.get("text", "") for t in tokens))
-    return result_body(record.job_ids[index], record.prompts[index], record.prompt_tokens[index], record.backend,
-                       output)
+        return ErrorBody.model_validate(last.data).model_dump(mode="json")
+    return result_body(record.prompts[index], record.backend, DoneEvent.model_validate(last.data))
 
 
 def current_results(connection: redis.Redis, record: BatchRecord) -> list[dict | None]:
@@ -119,8 +111,8 @@ def job_events(connection: redis.Redis, job_id: str, events: list[Event]) -> lis
     events = read_backlog(connection, job_id)  # its error event may have been published meanwhile
     if events and events[-1].terminal:
         return events
-    return [Event(len(events) + 1, "error", {"error": {"type": "job_lost", "message": (
-        "the job ended without a result (worker lost, or its record expired)")}})]
+    return [Event.of(len(events) + 1, ErrorBody.of(
+        "job_lost", "the job ended without a result (worker lost, or its record expired)"))]
 
 
 def wait_for_all(connection: redis.Redis, record: BatchRecord, settings: Settings) -> list[dict]:

@@ -20,7 +20,7 @@ from api.routing import choose_backend
 from api.schemas import BACKEND_FIELD, Backend, ErrorBody, GenerationResult
 from api.validation import check_context, parse_request_body
 from shared.exceptions import ContextLengthError, ValidationError
-from shared.jobs import GenerationJob
+from shared.protocol import GenerationJob
 from shared.sampling import STRICT, SamplingFields, SamplingParams
 from shared.settings import Settings
 from shared.tokenizer import TextTokenizer

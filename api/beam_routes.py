@@ -9,22 +9,19 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify
 
 from api import pipeline
-from api.chat_schemas import BeamBody, BeamDoneEvent, CandidatesEvent, RerankBody, RerankScores
+from api.chat_schemas import BeamBody, RerankBody
 from api.conversation import DROPPED_HEADER_DOC, fit_conversation
 from api.extensions import get_settings, get_tokenizer
 from api.generation import GENERATION_ERRORS, X_JOB_ID
 from api.openapi import Reply, json_reply, operation, sse_media
-from api.schemas import ErrorBody, TokenEvent
 from api.validation import parse_request_body
 from shared.exceptions import ValidationError
-from shared.jobs import JobKind
+from shared.protocol import EVENTS_BY_KIND, BeamOptions, JobKind, ScoreDoneEvent, ScoreOptions
 from shared.sampling import SamplingParams
 from shared.tokenizer import TextTokenizer
 
 bp = Blueprint("beam", __name__)
 
-BEAM_EVENTS = {"candidates": CandidatesEvent, "token": TokenEvent, "done": BeamDoneEvent, "error": ErrorBody}
-"""The events of a beam search's stream, in the order they come."""
 
 BEAM_EXAMPLE = ('id: 1\nevent: candidates\ndata: {"candidates":[{"index":0,"text":"Paris.","beam_score":-0.21,'
                 '"rerank_score":0.62,"combined_score":0.71}],"winner":0,"use_rerank":true}\n\n'
@@ -43,7 +40,7 @@ JOB_ERRORS = {**GENERATION_ERRORS, 409: "The job was cancelled (DELETE /jobs/<id
 @bp.post("/stream_chat_beam")
 @operation("Beam search over a conversation, rerank, stream the winner (SSE)", tag="chat", body=BeamBody,
            responses={200: Reply("The candidates, then the winner's tokens.", (
-               sse_media(BEAM_EVENTS, BEAM_DESCRIPTION, BEAM_EXAMPLE),), {**X_JOB_ID, **DROPPED_HEADER_DOC})},
+               sse_media(EVENTS_BY_KIND[JobKind.BEAM], BEAM_DESCRIPTION, BEAM_EXAMPLE),), {**X_JOB_ID, **DROPPED_HEADER_DOC})},
            errors=GENERATION_ERRORS)
 def stream_chat_beam() -> Response:
     """Run a beam search for the assistant's next turn; every beam is a candidate, the winner is streamed.
@@ -56,16 +53,16 @@ def stream_chat_beam() -> Response:
     body = parse_request_body(BeamBody, settings)
     max_tokens = body.max_tokens or settings.default_max_tokens
     fitted = fit_conversation(body.turns(), max_tokens, get_tokenizer(), settings)
-    extra = {"beam_width": body.beam_width, "length_penalty": body.length_penalty, "use_rerank": body.use_rerank,
-             "context": fitted.context}
+    beam = BeamOptions(beam_width=body.beam_width, length_penalty=body.length_penalty, use_rerank=body.use_rerank,
+                       context=fitted.context)
     job = pipeline.enqueue(fitted.prompt_ids, SamplingParams(max_tokens=max_tokens),
-                           body.backend or settings.backend_mode, kind=JobKind.BEAM, extra=extra)
+                           body.backend or settings.backend_mode, kind=JobKind.BEAM, beam=beam)
     return fitted.mark(pipeline.stream(job))
 
 
 @bp.post("/rerank_scores")
 @operation("Score given answers to a conversation (debug)", tag="chat", body=RerankBody,
-           responses={200: json_reply("Every candidate's scores, and the winner.", RerankScores,
+           responses={200: json_reply("Every candidate's scores, and the winner.", ScoreDoneEvent,
                                       headers={**X_JOB_ID, **DROPPED_HEADER_DOC})},
            errors=JOB_ERRORS)
 def rerank_scores():
@@ -79,12 +76,10 @@ def rerank_scores():
     tokenizer = get_tokenizer()
     longest = max(candidate_lengths(body.candidates, tokenizer))
     fitted = fit_conversation(body.turns(), longest, tokenizer, settings, "the longest candidate's token count")
-    extra = {"candidates": list(body.candidates), "context": fitted.context, "length_penalty": body.length_penalty}
+    score = ScoreOptions(candidates=body.candidates, context=fitted.context, length_penalty=body.length_penalty)
     job = pipeline.enqueue(fitted.prompt_ids, SamplingParams(max_tokens=longest),
-                           body.backend or settings.backend_mode, kind=JobKind.SCORE, extra=extra)
-    done = pipeline.collect(job).done
-    answer = RerankScores(job_id=job.job_id, candidates=done["candidates"], winner=done["winner"])
-    response = fitted.mark(jsonify(answer.model_dump()))
+                           body.backend or settings.backend_mode, kind=JobKind.SCORE, score=score)
+    response = fitted.mark(jsonify(pipeline.collect(job).model_dump(mode="json")))
     response.headers["X-Job-Id"] = job.job_id
     return response
 

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
-from api.schemas import BACKEND_FIELD, Backend, DoneEvent
+from api.schemas import BACKEND_FIELD, Backend
 from shared.exceptions import ValidationError
 from shared.sampling import STRICT, MaxTokens, SamplingFields, check_max_tokens_limit
 
@@ -162,45 +162,3 @@ class RerankBody(ConversationBody):
                                                              + CONTEXT_NOTE)
     length_penalty: LengthPenalty = 1.0
     backend: Backend | None = BACKEND_FIELD
-
-
-class BeamCandidate(BaseModel):
-    """One finished beam and its scores."""
-
-    index: int = Field(description="Rank by beam score, best first.")
-    text: str
-    beam_score: float = Field(description="Length-normalised log-probability.")
-    rerank_score: float | None = Field(description="Cosine similarity to the context; null without rerank.")
-    combined_score: float = Field(description="What the winner was chosen by (the beam score without rerank).")
-
-
-class CandidatesEvent(BaseModel):
-    """SSE `candidates` event: every beam, before the winner's tokens are streamed."""
-
-    candidates: list[BeamCandidate]
-    winner: int = Field(description="Index of the candidate whose tokens follow.")
-    use_rerank: bool
-
-
-class BeamDoneEvent(DoneEvent):
-    """SSE `done` event of a beam search: the winner's output."""
-
-    winner: int
-
-
-class ScoredCandidate(BaseModel):
-    """One given candidate's scores."""
-
-    index: int
-    text: str
-    lm_score: float = Field(description="Length-normalised log-probability of the candidate after the prompt.")
-    rerank_score: float = Field(description="Cosine similarity to the context.")
-    combined_score: float
-
-
-class RerankScores(BaseModel):
-    """`POST /rerank_scores` answer."""
-
-    job_id: str
-    candidates: list[ScoredCandidate]
-    winner: int = Field(description="Index of the candidate with the best combined score.")

@@ -11,6 +11,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from werkzeug.exceptions import HTTPException
 
 from shared.exceptions import ConfigurationError, ServiceError, UnavailableError
+from shared.protocol import ErrorBody
 
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 """Redis failures that mean the service is unavailable rather than broken."""
@@ -67,11 +68,10 @@ def error_body(error: Exception) -> tuple[dict, int, list[tuple[str, str]]]:
     return {"error": {"type": "internal_error", "message": "internal server error"}}, 500, []
 
 
-def error_from_event(data: dict) -> ServiceError:
+def error_from_event(event: ErrorBody) -> ServiceError:
     """The exception matching a job's terminal `error` event, with the status its type calls for."""
-    details = data.get("error") or {}
-    error = ServiceError(details.get("message") or "generation failed", field=details.get("field"))
-    error.error_type = details.get("type") or "internal_error"
+    error = ServiceError(event.error.message, field=event.error.field)
+    error.error_type = event.error.type
     error.status = JOB_ERROR_STATUS.get(error.error_type) or _status_of_type(error.error_type)
     return error
 

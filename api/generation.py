@@ -7,9 +7,9 @@ from flask import Blueprint, Response, jsonify, request
 from api import pipeline
 from api.extensions import get_settings, get_tokenizer
 from api.openapi import Reply, json_reply, operation, sse_media
-from api.schemas import DoneEvent, ErrorBody, GenerationBody, GenerationResult, TokenEvent
+from api.schemas import GenerationBody, GenerationResult
 from api.validation import GenerationRequest, parse_generation_request, read_json_object
-from shared.jobs import GenerationJob
+from shared.protocol import EVENTS_BY_KIND, DoneEvent, GenerationJob, JobKind
 
 bp = Blueprint("generation", __name__)
 
@@ -25,7 +25,7 @@ STREAM_EXAMPLE = ('id: 1\nevent: token\ndata: {"token":19556,"text":"Hello","ind
                   'id: 2\nevent: done\ndata: {"job_id":"0f3c...","output_text":"Hello","output_ids":[19556],'
                   '"finish_reason":"length","usage":{"prompt_tokens":5,"completion_tokens":1}}\n\n')
 
-JOB_EVENTS = {"token": TokenEvent, "done": DoneEvent, "error": ErrorBody}
+JOB_EVENTS = EVENTS_BY_KIND[JobKind.GENERATE]
 """The events of a job's stream and the shape of their `data:`."""
 
 STREAM_DESCRIPTION = ("Server-sent events: `token` events with increasing `id:`, then one `done` or `error` event "
@@ -53,16 +53,16 @@ def generate():
     return jsonify(generation_result(parsed, job, output))
 
 
-def generation_result(parsed: GenerationRequest, job: GenerationJob, output: pipeline.JobOutput) -> dict:
-    """The /generate answer; fields missing from the `done` event are rebuilt from the token events."""
-    return result_body(job.job_id, parsed.prompt, len(parsed.prompt_ids), job.backend, output)
+def generation_result(parsed: GenerationRequest, job: GenerationJob, done: DoneEvent) -> dict:
+    """The /generate answer."""
+    return result_body(parsed.prompt, job.backend, done)
 
 
-def result_body(job_id: str, prompt: str, prompt_tokens: int, backend: str, output: pipeline.JobOutput) -> dict:
+def result_body(prompt: str, backend: str, done: DoneEvent) -> dict:
     """A `GenerationResult` as JSON (also each slot of a batch's results)."""
-    return GenerationResult(job_id=job_id, input=prompt, output_ids=output.output_ids,
-                            output_text=output.output_text, finish_reason=output.done.get("finish_reason"),
-                            usage=output.usage(prompt_tokens), backend=backend).model_dump()
+    return GenerationResult(job_id=done.job_id, input=prompt, output_ids=done.output_ids,
+                            output_text=done.output_text, finish_reason=done.finish_reason, usage=done.usage,
+                            backend=backend).model_dump()
 
 
 @bp.post("/stream")

@@ -11,6 +11,7 @@ from rq.serializers import JSONSerializer
 
 from shared.events import Event, EventPublisher, backlog_key, cancel_key, follow
 from shared.exceptions import NotFoundError
+from shared.protocol import ErrorBody
 from shared.settings import Settings
 
 GONE_STATUSES = frozenset({JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED})
@@ -71,7 +72,7 @@ def request_cancel(connection: redis.Redis, job_id: str, settings: Settings) -> 
         return "cancelling"
     publisher = EventPublisher(connection, job_id, settings.backlog_ttl_s)
     publisher.next_id = connection.llen(backlog_key(job_id)) + 1
-    publisher.publish("error", {"error": {"type": "cancelled", "message": "the job was cancelled before it started"}})
+    publisher.publish(ErrorBody.of("cancelled", "the job was cancelled before it started"))
     return "cancelled"
 
 

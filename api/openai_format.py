@@ -17,8 +17,8 @@ from api.openai_schemas import (
     CompletionChoice,
     CompletionUsage,
 )
-from api.pipeline import JobOutput
 from shared.events import Event
+from shared.protocol import DoneEvent, ErrorBody, TokenEvent, Usage
 
 DONE_FRAME = "data: [DONE]\n\n"
 """The last frame of every OpenAI stream."""
@@ -37,15 +37,15 @@ def data_frame(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def usage(counts: dict) -> CompletionUsage:
-    """OpenAI's usage object from `{"prompt_tokens", "completion_tokens"}`."""
-    return CompletionUsage(prompt_tokens=counts["prompt_tokens"], completion_tokens=counts["completion_tokens"],
-                           total_tokens=counts["prompt_tokens"] + counts["completion_tokens"])
+def usage(counts: Usage) -> CompletionUsage:
+    """OpenAI's usage object from ours."""
+    return CompletionUsage(prompt_tokens=counts.prompt_tokens, completion_tokens=counts.completion_tokens,
+                           total_tokens=counts.prompt_tokens + counts.completion_tokens)
 
 
-def finish_reason(done: dict) -> str:
+def finish_reason(done: DoneEvent) -> str:
     """Our `finish_reason` as OpenAI names it."""
-    return FINISH_REASONS.get(done.get("finish_reason"), "stop")
+    return FINISH_REASONS[done.finish_reason]
 
 
 class TextCompletionView:
@@ -62,14 +62,14 @@ class TextCompletionView:
         """A chunk adding `text` (and, in the last one, the finish reason)."""
         return Completion(**self.base, choices=[CompletionChoice(text=text, finish_reason=finish)]).model_dump()
 
-    def usage_chunk(self, counts: dict) -> dict:
+    def usage_chunk(self, counts: Usage) -> dict:
         """The chunk `stream_options.include_usage` asks for: no choices, the usage."""
         return Completion(**self.base, choices=[], usage=usage(counts)).model_dump()
 
-    def whole(self, output: JobOutput, counts: dict) -> dict:
+    def whole(self, done: DoneEvent) -> dict:
         """The non-streamed answer."""
-        choice = CompletionChoice(text=output.output_text, finish_reason=finish_reason(output.done))
-        return Completion(**self.base, choices=[choice], usage=usage(counts)).model_dump()
+        choice = CompletionChoice(text=done.output_text, finish_reason=finish_reason(done))
+        return Completion(**self.base, choices=[choice], usage=usage(done.usage)).model_dump()
 
 
 class ChatCompletionView:
@@ -86,15 +86,14 @@ class ChatCompletionView:
         """A chunk adding `text` to the reply (the last one: an empty delta and the finish reason)."""
         return self._chunk(ChatDelta(content=text) if text else ChatDelta(), finish)
 
-    def usage_chunk(self, counts: dict) -> dict:
+    def usage_chunk(self, counts: Usage) -> dict:
         """The chunk `stream_options.include_usage` asks for: no choices, the usage."""
         return ChatCompletionChunk(**self.base, choices=[], usage=usage(counts)).model_dump()
 
-    def whole(self, output: JobOutput, counts: dict) -> dict:
+    def whole(self, done: DoneEvent) -> dict:
         """The non-streamed answer."""
-        choice = ChatChoice(message=AssistantMessage(content=output.output_text),
-                            finish_reason=finish_reason(output.done))
-        return ChatCompletion(**self.base, choices=[choice], usage=usage(counts)).model_dump()
+        choice = ChatChoice(message=AssistantMessage(content=done.output_text), finish_reason=finish_reason(done))
+        return ChatCompletion(**self.base, choices=[choice], usage=usage(done.usage)).model_dump()
 
     def _chunk(self, delta: ChatDelta, finish: str | None = None) -> dict:
         return ChatCompletionChunk(**self.base, choices=[ChatChunkChoice(delta=delta, finish_reason=finish)]
@@ -104,11 +103,9 @@ class ChatCompletionView:
 class ChunkEncoder:
     """`api.sse.Encoder` writing a job's events as OpenAI stream chunks, then `data: [DONE]`."""
 
-    def __init__(self, view: TextCompletionView | ChatCompletionView, prompt_tokens: int, include_usage: bool):
+    def __init__(self, view: TextCompletionView | ChatCompletionView, include_usage: bool):
         self.view = view
-        self.prompt_tokens = prompt_tokens
         self.include_usage = include_usage
-        self.tokens = 0
         self.opened = False
 
     def event(self, event: Event) -> str:
@@ -116,19 +113,16 @@ class ChunkEncoder:
         frames = "" if self.opened else "".join(data_frame(chunk) for chunk in self.view.opening())
         self.opened = True
         if event.type == "token":
-            self.tokens += 1
-            text = event.data.get("text", "")
+            text = TokenEvent.model_validate(event.data).text
             return frames + (data_frame(self.view.chunk(text)) if text else "")
         if event.type == "done":
-            frames += data_frame(self.view.chunk("", finish_reason(event.data)))
+            done = DoneEvent.model_validate(event.data)
+            frames += data_frame(self.view.chunk("", finish_reason(done)))
             if self.include_usage:
-                counts = event.data.get("usage") or {}
-                frames += data_frame(self.view.usage_chunk({
-                    "prompt_tokens": counts.get("prompt_tokens", self.prompt_tokens),
-                    "completion_tokens": counts.get("completion_tokens", self.tokens)}))
+                frames += data_frame(self.view.usage_chunk(done.usage))
             return frames + DONE_FRAME
         if event.type == "error":
-            error = error_from_event(event.data)
+            error = error_from_event(ErrorBody.model_validate(event.data))
             return frames + data_frame(openai_error(error.to_dict(), error.status)) + DONE_FRAME
         return frames
 

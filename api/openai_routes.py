@@ -115,8 +115,7 @@ def run(body: OpenAIRequest, model: ModelCard, prompt_ids: list[int], view_class
     view = view_class(job.job_id, model.id, int(time.time()))
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return pipeline.stream(job, ChunkEncoder(view, len(prompt_ids), include_usage))
-    output = pipeline.collect(job)
-    response = jsonify(view.whole(output, output.usage(len(prompt_ids))))
+        return pipeline.stream(job, ChunkEncoder(view, include_usage))
+    response = jsonify(view.whole(pipeline.collect(job)))
     response.headers["X-Job-Id"] = job.job_id
     return response

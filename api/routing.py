@@ -8,7 +8,7 @@ from rq import Queue, Worker
 from rq.serializers import JSONSerializer
 
 from shared.exceptions import NoWorkerError
-from shared.jobs import JOB_FUNCTION, GenerationJob
+from shared.protocol import JOB_FUNCTION, GenerationJob
 from shared.settings import BACKENDS, Settings
 
 DEAD_STATES = frozenset({"dead"})
@@ -47,7 +47,7 @@ def submit(connection: redis.Redis, job: GenerationJob, settings: Settings) -> N
     queue = Queue(job.backend, connection=connection, serializer=JSONSerializer)
     queue.enqueue(
         JOB_FUNCTION,
-        kwargs={"payload": job.to_dict()},
+        kwargs={"payload": job.model_dump(mode="json")},
         job_id=job.job_id,
         job_timeout=settings.job_timeout_s,
         result_ttl=settings.backlog_ttl_s,
@@ -66,7 +66,7 @@ def submit_many(connection: redis.Redis, pipeline: Pipeline, jobs: list[Generati
     by_pool: dict[str, list] = {}
     for job in jobs:
         by_pool.setdefault(job.backend, []).append(Queue.prepare_data(
-            JOB_FUNCTION, kwargs={"payload": job.to_dict()}, job_id=job.job_id, timeout=settings.job_timeout_s,
+            JOB_FUNCTION, kwargs={"payload": job.model_dump(mode="json")}, job_id=job.job_id, timeout=settings.job_timeout_s,
             result_ttl=keep_s, failure_ttl=keep_s, description=describe(job)))
     for pool, data in by_pool.items():
         Queue(pool, connection=connection, serializer=JSONSerializer).enqueue_many(data, pipeline=pipeline)

@@ -7,10 +7,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.protocol import DoneEvent, ErrorBody, ErrorDetail, FinishReason, Usage
 from shared.sampling import STRICT, SamplingFields
 
 Backend = Literal["gpu", "cpu", "auto"]
-FinishReason = Literal["length", "stop", "eos"]
 
 BACKEND_FIELD = Field(None, description="Worker pool: `gpu`, `cpu`, or `auto` (GPU when a GPU worker is live). "
                                         "The server's BACKEND_MODE when left out.")
@@ -51,46 +51,6 @@ class ChatMessage(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": content}
 
 
-class Usage(BaseModel):
-    """Token counts of a job."""
-
-    prompt_tokens: int
-    completion_tokens: int
-
-
-class TokenEvent(BaseModel):
-    """SSE `token` event: one generated token and its text (possibly empty while a character is incomplete)."""
-
-    token: int
-    text: str
-    index: int = Field(description="Position in the output, from 0.")
-
-
-class DoneEvent(BaseModel):
-    """SSE `done` event, the last of a successful job."""
-
-    job_id: str
-    output_text: str
-    output_ids: list[int]
-    finish_reason: FinishReason
-    usage: Usage
-
-
-class ErrorDetail(BaseModel):
-    """What went wrong; `field` names the request field at fault, when one is."""
-
-    type: str = Field(description="`invalid_request`, `context_length_exceeded`, `not_found`, `no_worker`, "
-                                  "`unavailable`, `cancelled`, `job_lost`, `timeout`, `internal_error`, ...")
-    message: str
-    field: str | None = None
-
-
-class ErrorBody(BaseModel):
-    """Every native error answer, and the SSE `error` event (which has no `field`)."""
-
-    error: ErrorDetail
-
-
 class GenerationResult(BaseModel):
     """`POST /generate` answer."""
 
@@ -101,6 +61,9 @@ class GenerationResult(BaseModel):
     finish_reason: FinishReason
     usage: Usage
     backend: Literal["gpu", "cpu"]
+
+
+__all__ = ["DoneEvent", "ErrorBody", "ErrorDetail", "Usage"]  # re-exported: answers share the events' shapes
 
 
 class JobStatus(BaseModel):

@@ -12,6 +12,7 @@ from flask import Response
 
 from api.errors import REDIS_DOWN
 from shared.events import Event
+from shared.protocol import ErrorBody
 
 log = logging.getLogger(__name__)  # a child of the app's logger; frames are sent outside the app context
 
@@ -30,7 +31,7 @@ def format_event(event: Event) -> str:
 
 def error_frame(error_type: str, message: str) -> str:
     """A terminal error frame the API makes itself; it has no id, so a reconnect resumes at the last real event."""
-    data = json.dumps({"error": {"type": error_type, "message": message}}, separators=(",", ":"))
+    data = ErrorBody.of(error_type, message).model_dump_json()
     return f"event: error\ndata: {data}\n\n"
 
 

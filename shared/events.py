@@ -4,8 +4,8 @@ Pub/sub delivers at most once, so every event is also appended to `llm:job:<id>:
 index + 1 is the event id). A reader subscribes first, then reads the backlog, then takes live messages
 with ids above the last one seen: nothing is lost between the two and nothing is repeated.
 
-Event types: `token` `{"token", "text", "index"}`, `done` `{"job_id", "output_text", "output_ids",
-"finish_reason", "usage"}`, `error` `{"error": {"type", "message"}}`. `done` and `error` end a stream.
+What each event carries is defined once, in `shared.protocol`; this module only numbers, stores and
+delivers them. `done` and `error` end a stream.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import redis
+from redis.client import Pipeline
 
-TERMINAL_EVENTS = frozenset({"done", "error"})
-"""Event types after which a job publishes nothing more."""
+from shared.protocol import TERMINAL_EVENTS, ErrorBody, JobEvent
 
 KEY_PREFIX = "llm:job:"
 
@@ -40,7 +40,8 @@ def cancel_key(job_id: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One event of a job's stream; `id` counts from 1 within the job."""
+    """One event of a job's stream as stored: `id` counts from 1 within the job; `data` is a
+    `shared.protocol` model's JSON (read it back with that model's `model_validate`)."""
 
     id: int
     type: str
@@ -53,6 +54,11 @@ class Event:
     def decode(cls, raw: str | bytes) -> Event:
         message = json.loads(raw)
         return cls(message["id"], message["type"], message["data"])
+
+    @classmethod
+    def of(cls, event_id: int, event: JobEvent) -> Event:
+        """The stored form of a protocol event."""
+        return cls(event_id, event.event_type, event.model_dump(mode="json"))
 
     @property
     def terminal(self) -> bool:
@@ -68,31 +74,31 @@ class EventPublisher:
         self.ttl_s = ttl_s
         self.next_id = 1
 
-    def publish(self, event_type: str, data: dict) -> Event:
+    def publish(self, event: JobEvent) -> Event:
         """Append and publish one event atomically (one MULTI round trip)."""
-        event = Event(self.next_id, event_type, data)
-        self.next_id += 1
-        encoded = event.encode()
         pipe = self.connection.pipeline(transaction=True)
+        stored = self.append(pipe, event)
+        pipe.execute()
+        return stored
+
+    def append(self, pipe: Pipeline, event: JobEvent) -> Event:
+        """Number `event` and queue its append and publication on `pipe`."""
+        stored = Event.of(self.next_id, event)
+        self.next_id += 1
+        encoded = stored.encode()
         pipe.rpush(backlog_key(self.job_id), encoded)
         pipe.expire(backlog_key(self.job_id), self.ttl_s)
         pipe.publish(channel_name(self.job_id), encoded)
-        pipe.execute()
-        return event
+        return stored
 
 
-def publish_many(connection: redis.Redis, batch: list[tuple[EventPublisher, str, dict]]) -> None:
+def publish_many(connection: redis.Redis, batch: list[tuple[EventPublisher, JobEvent]]) -> None:
     """Publish events of several jobs in one round trip (the batching worker's per-step flush)."""
     if not batch:
         return
     pipe = connection.pipeline(transaction=False)
-    for publisher, event_type, data in batch:
-        event = Event(publisher.next_id, event_type, data)
-        publisher.next_id += 1
-        encoded = event.encode()
-        pipe.rpush(backlog_key(publisher.job_id), encoded)
-        pipe.expire(backlog_key(publisher.job_id), publisher.ttl_s)
-        pipe.publish(channel_name(publisher.job_id), encoded)
+    for publisher, event in batch:
+        publisher.append(pipe, event)
     pipe.execute()
 
 
@@ -154,7 +160,7 @@ def follow(connection: redis.Redis, job_id: str, after_id: int = 0, *, keepalive
                         yield event
                         if event.terminal:
                             return
-                    yield Event(last_id + 1, "error", {"error": {"type": "job_lost", "message": "the job ended without a result (worker lost)"}})
+                    yield Event.of(last_id + 1, ErrorBody.of("job_lost", "the job ended without a result (worker lost)"))
                     return
                 yield None
     finally:

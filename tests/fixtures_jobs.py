@@ -15,7 +15,18 @@ from rq.serializers import JSONSerializer
 
 from api.routing import submit
 from shared.events import EventPublisher
-from shared.jobs import GenerationJob
+from shared.protocol import (
+    BeamCandidate,
+    BeamDoneEvent,
+    CandidatesEvent,
+    DoneEvent,
+    ErrorBody,
+    GenerationJob,
+    ScoreDoneEvent,
+    ScoredCandidate,
+    TokenEvent,
+    Usage,
+)
 from shared.sampling import SamplingParams
 from shared.settings import Settings
 
@@ -34,50 +45,48 @@ def publish_generation(connection: redis.Redis, job_id: str, prompt_ids: list[in
     publisher = EventPublisher(connection, job_id, ttl_s=60)
     tokens = script[:max_tokens]
     for index, (token, text) in enumerate(tokens):
-        publisher.publish("token", {"token": token, "text": text, "index": index})
-    publisher.publish("done", {
-        "job_id": job_id, "output_text": "".join(text for _, text in tokens),
-        "output_ids": [token for token, _ in tokens],
-        "finish_reason": finish_reason or ("length" if max_tokens <= len(script) else "eos"),
-        "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": len(tokens)},
-    })
+        publisher.publish(TokenEvent(token=token, text=text, index=index))
+    publisher.publish(DoneEvent(
+        job_id=job_id, output_text="".join(text for _, text in tokens), output_ids=[token for token, _ in tokens],
+        finish_reason=finish_reason or ("length" if max_tokens <= len(script) else "eos"),
+        usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=len(tokens))))
 
 
 def publish_beam(connection: redis.Redis, job_id: str, payload: dict) -> None:
     """What a worker publishes for a BEAM job: `candidates` (one per beam), the winner's tokens, `done`.
 
     Beam i is the script shortened by i tokens; with rerank, relevance grows with i so that a later beam wins."""
-    extra, publisher = payload["extra"], EventPublisher(connection, job_id, ttl_s=60)
+    extra, publisher = payload["beam"], EventPublisher(connection, job_id, ttl_s=60)
     beams = [SCRIPT[: max(1, len(SCRIPT) - i)] for i in range(extra["beam_width"])]
     rows = []
     for index, tokens in enumerate(beams):
         beam_score = -0.1 * (index + 1)
         rerank = 0.1 * index if extra["use_rerank"] else None
         combined = beam_score if rerank is None else 0.5 * rerank + 0.5 * math.exp(beam_score)
-        rows.append({"index": index, "text": "".join(text for _, text in tokens), "beam_score": beam_score,
-                     "rerank_score": rerank, "combined_score": combined})
-    winner = max(range(len(rows)), key=lambda i: rows[i]["combined_score"])
-    publisher.publish("candidates", {"candidates": rows, "winner": winner, "use_rerank": extra["use_rerank"]})
+        rows.append(BeamCandidate(index=index, text="".join(text for _, text in tokens), beam_score=beam_score,
+                                  rerank_score=rerank, combined_score=combined))
+    winner = max(range(len(rows)), key=lambda i: rows[i].combined_score)
+    publisher.publish(CandidatesEvent(candidates=rows, winner=winner, use_rerank=extra["use_rerank"]))
     for index, (token, text) in enumerate(beams[winner]):
-        publisher.publish("token", {"token": token, "text": text, "index": index})
-    publisher.publish("done", {
-        "job_id": job_id, "output_text": rows[winner]["text"], "output_ids": [t for t, _ in beams[winner]],
-        "finish_reason": "length", "winner": winner,
-        "usage": {"prompt_tokens": len(payload["prompt_ids"]), "completion_tokens": len(beams[winner])}})
+        publisher.publish(TokenEvent(token=token, text=text, index=index))
+    publisher.publish(BeamDoneEvent(
+        job_id=job_id, output_text=rows[winner].text, output_ids=[t for t, _ in beams[winner]],
+        finish_reason="length", winner=winner,
+        usage=Usage(prompt_tokens=len(payload["prompt_ids"]), completion_tokens=len(beams[winner]))))
 
 
-def score_rows(candidates: list[str]) -> list[dict]:
+def score_rows(candidates: list[str]) -> list[ScoredCandidate]:
     """The scores a scripted worker gives SCORE candidates: the longest text scores best."""
-    return [{"index": i, "text": text, "lm_score": -1.0 / len(text), "rerank_score": len(text) / 100,
-             "combined_score": len(text) / 100 - 1.0 / len(text)} for i, text in enumerate(candidates)]
+    return [ScoredCandidate(index=i, text=text, lm_score=-1.0 / len(text), rerank_score=len(text) / 100,
+                            combined_score=len(text) / 100 - 1.0 / len(text)) for i, text in enumerate(candidates)]
 
 
 def publish_scores(connection: redis.Redis, job_id: str, payload: dict) -> None:
     """What a worker publishes for a SCORE job: only `done`, with every candidate's scores and the winner."""
-    rows = score_rows(payload["extra"]["candidates"])
-    winner = max(range(len(rows)), key=lambda i: rows[i]["combined_score"])
-    EventPublisher(connection, job_id, ttl_s=60).publish("done", {"job_id": job_id, "candidates": rows,
-                                                                  "winner": winner})
+    rows = score_rows(payload["score"]["candidates"])
+    winner = max(range(len(rows)), key=lambda i: rows[i].combined_score)
+    EventPublisher(connection, job_id, ttl_s=60).publish(ScoreDoneEvent(job_id=job_id, candidates=rows,
+                                                                        winner=winner))
 
 
 class ScriptedWorker(threading.Thread):
@@ -122,7 +131,7 @@ class ScriptedWorker(threading.Thread):
         payload = job.kwargs["payload"]
         self.payloads.append(payload)
         if error is not None:
-            EventPublisher(self.connection, job.id, ttl_s=60).publish("error", {"error": error})
+            EventPublisher(self.connection, job.id, ttl_s=60).publish(ErrorBody.model_validate({"error": error}))
             job.set_status(JobStatus.FAILED)
             return
         if payload.get("kind") == "beam":

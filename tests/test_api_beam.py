@@ -51,13 +51,13 @@ def test_beam_enqueues_a_beam_job_on_the_chat_templated_prompt(app, client, redi
     assert payload["kind"] == "beam"
     assert payload["prompt_ids"] == load_tokenizer(app.config["MODEL_DIR"]).encode_chat(TURNS)
     assert payload["sampling"]["max_tokens"] == 5
-    assert payload["extra"] == {"beam_width": 2, "length_penalty": 0.5, "use_rerank": False, "context": CONVERSATION_TEXT}
+    assert payload["beam"] == {"beam_width": 2, "length_penalty": 0.5, "use_rerank": False, "context": CONVERSATION_TEXT}
 
 
 def test_beam_defaults(client, redis_client, live_worker):
     live_worker("cpu")
     _, payload = run(client, redis_client, "/stream_chat_beam", {"messages": CHAT})
-    assert payload["extra"] == {"beam_width": 4, "length_penalty": 1.0, "use_rerank": True, "context": CONVERSATION_TEXT}
+    assert payload["beam"] == {"beam_width": 4, "length_penalty": 1.0, "use_rerank": True, "context": CONVERSATION_TEXT}
     assert payload["sampling"]["max_tokens"] == 32  # DEFAULT_MAX_TOKENS
 
 
@@ -91,12 +91,12 @@ def test_rerank_scores_answers_with_the_worker_s_scores(app, client, redis_clien
     body = {"messages": CHAT, "candidates": CANDIDATES, "length_penalty": 0.8}
     response, payload = run(client, redis_client, "/rerank_scores", body)
     assert response.status_code == 200, response.json
-    rows = score_rows(CANDIDATES)
+    rows = [row.model_dump() for row in score_rows(CANDIDATES)]
     assert response.json == {"job_id": payload["job_id"], "candidates": rows, "winner": 0}
     assert response.headers["X-Job-Id"] == payload["job_id"]
     tokenizer = load_tokenizer(app.config["MODEL_DIR"])
     assert payload["kind"] == "score" and payload["prompt_ids"] == tokenizer.encode_chat(TURNS)
-    assert payload["extra"] == {"candidates": CANDIDATES, "context": CONVERSATION_TEXT, "length_penalty": 0.8}
+    assert payload["score"] == {"candidates": CANDIDATES, "context": CONVERSATION_TEXT, "length_penalty": 0.8}
     longest = max(len(tokenizer.backend.encode(c, add_special_tokens=False).ids) for c in CANDIDATES)
     assert payload["sampling"]["max_tokens"] == longest
 

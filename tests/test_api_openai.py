@@ -12,6 +12,7 @@ from rq import Queue
 
 from api.openai_format import ChunkEncoder, TextCompletionView
 from shared.events import Event, cancel_key
+from shared.protocol import TokenEvent
 from shared.model_files import model_name
 from shared.tokenizer import load_tokenizer
 from tests.fixtures_jobs import ScriptedWorker
@@ -237,7 +238,7 @@ def test_a_job_error_without_stream_is_an_error_answer(client, redis_client, liv
 
 
 def test_a_token_without_text_sends_no_chunk():
-    encoder = ChunkEncoder(TextCompletionView("job", "model", 0), prompt_tokens=1, include_usage=False)
-    assert encoder.event(Event(1, "token", {"token": 2, "text": "", "index": 0})) == ""
-    frame = encoder.event(Event(2, "token", {"token": 3, "text": "é", "index": 1}))
+    encoder = ChunkEncoder(TextCompletionView("job", "model", 0), include_usage=False)
+    assert encoder.event(Event.of(1, TokenEvent(token=2, text="", index=0))) == ""
+    frame = encoder.event(Event.of(2, TokenEvent(token=3, text="é", index=1)))
     assert json.loads(frame.removeprefix("data: "))["choices"][0]["text"] == "é"

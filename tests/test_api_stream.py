@@ -10,6 +10,7 @@ from rq.job import Job, JobStatus
 
 from api import create_app
 from shared.events import EventPublisher, cancel_key, follow
+from shared.protocol import DoneEvent, TokenEvent, Usage
 from tests.fixtures_jobs import SCRIPT, ScriptedWorker, enqueue_job, parse_sse, publish_generation
 
 
@@ -70,13 +71,13 @@ def test_resumed_stream_replays_the_backlog_then_follows_live(client, redis_clie
     job_id = enqueue_job(redis_client)
     publisher = EventPublisher(redis_client, job_id, ttl_s=60)
     for index, (token, text) in enumerate(SCRIPT[:2]):
-        publisher.publish("token", {"token": token, "text": text, "index": index})
+        publisher.publish(TokenEvent(token=token, text=text, index=index))
 
     def finish_job():  # the worker goes on while the client reads: no event may be lost or repeated
         for index, (token, text) in enumerate(SCRIPT[2:], start=2):
-            publisher.publish("token", {"token": token, "text": text, "index": index})
-        publisher.publish("done", {"job_id": job_id, "output_text": "Hello, world!", "output_ids": [],
-                                   "finish_reason": "eos", "usage": {}})
+            publisher.publish(TokenEvent(token=token, text=text, index=index))
+        publisher.publish(DoneEvent(job_id=job_id, output_text="Hello, world!", output_ids=[token for token, _ in SCRIPT],
+                                    finish_reason="eos", usage=Usage(prompt_tokens=3, completion_tokens=len(SCRIPT))))
 
     live = threading.Thread(target=finish_job)
     live.start()
@@ -104,7 +105,7 @@ def test_a_malformed_last_event_id_is_a_400(client, redis_client, bad):
 def test_a_job_that_fails_without_a_result_ends_the_stream_with_an_error(app_config, redis_client, fate):
     client = create_app({**app_config, "KEEPALIVE_S": 0.05}).test_client()
     job_id = enqueue_job(redis_client)
-    EventPublisher(redis_client, job_id, ttl_s=60).publish("token", {"token": 5, "text": "Hi", "index": 0})
+    EventPublisher(redis_client, job_id, ttl_s=60).publish(TokenEvent(token=5, text="Hi", index=0))
     job = Job.fetch(job_id, connection=redis_client)
     if fate == "failed":
         job.set_status(JobStatus.FAILED)

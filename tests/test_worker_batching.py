@@ -12,7 +12,7 @@ from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegis
 from rq.serializers import JSONSerializer
 
 from shared.events import cancel_key, read_backlog
-from shared.jobs import JOB_FUNCTION, GenerationJob
+from shared.protocol import JOB_FUNCTION, BeamOptions, GenerationJob, JobKind
 from shared.sampling import SamplingParams
 from shared.settings import Settings
 from shared.tokenizer import load_tokenizer
@@ -28,9 +28,10 @@ def connection():
 def enqueue(connection, weights, prompt: str, pool: str = "cpu", timeout: int = 60, **sampling) -> str:
     tokenizer = load_tokenizer(str(weights))
     job_id = uuid.uuid4().hex
-    job = GenerationJob(job_id, tokenizer.encode(prompt), SamplingParams(**sampling), backend=pool)
+    job = GenerationJob(job_id=job_id, prompt_ids=tokenizer.encode(prompt), sampling=SamplingParams(**sampling),
+                        backend=pool)
     Queue(pool, connection=connection, serializer=JSONSerializer).enqueue(
-        JOB_FUNCTION, kwargs={"payload": job.to_dict()}, job_id=job_id, job_timeout=timeout)
+        JOB_FUNCTION, kwargs={"payload": job.model_dump(mode="json")}, job_id=job_id, job_timeout=timeout)
     return job_id
 
 
@@ -134,17 +135,16 @@ def test_a_sequence_beyond_the_token_budget_waits_until_room_frees(tiny_weights)
 
 
 def test_a_beam_job_streams_candidates_then_the_best_beam(connection, tiny_weights):
-    from shared.jobs import JobKind
     from workers.cpu.decoder import INT8Decoder
     from workers.engine.beam import beam_search
 
     tokenizer = load_tokenizer(str(tiny_weights))
     prompt_ids = tokenizer.encode("Once upon a time")
     job_id = uuid.uuid4().hex
-    job = GenerationJob(job_id, prompt_ids, SamplingParams(max_tokens=6, temperature=0), kind=JobKind.BEAM,
-                        extra={"beam_width": 3, "use_rerank": False, "context": "Once upon a time"})
+    job = GenerationJob(job_id=job_id, prompt_ids=prompt_ids, sampling=SamplingParams(max_tokens=6, temperature=0),
+                        kind=JobKind.BEAM, beam=BeamOptions(beam_width=3, use_rerank=False, context="Once upon a time"))
     Queue("cpu", connection=connection, serializer=JSONSerializer).enqueue(
-        JOB_FUNCTION, kwargs={"payload": job.to_dict()}, job_id=job_id)
+        JOB_FUNCTION, kwargs={"payload": job.model_dump(mode="json")}, job_id=job_id)
     generation = enqueue(connection, tiny_weights, "A stream beside the beam search", max_tokens=8)
     run_worker(connection, tiny_weights)
     events = read_backlog(connection, job_id)

@@ -24,7 +24,7 @@ from rq.worker import SimpleWorker, WorkerStatus
 
 from shared.exceptions import ConfigurationError
 from shared.events import EventPublisher, cancel_key, publish_many
-from shared.jobs import GenerationJob, JobKind
+from shared.protocol import DoneEvent, ErrorBody, GenerationJob, JobKind, TokenEvent, Usage
 from shared.model_files import force_offline
 from shared.settings import Settings
 from shared.tokenizer import load_tokenizer
@@ -133,7 +133,7 @@ class BatchingWorker(SimpleWorker):
         publisher = EventPublisher(self.connection, job.id, self.settings.backlog_ttl_s)
         entry = RunningJob(job, queue, execution, publisher, sequence=None, started=time.monotonic())
         try:
-            payload = GenerationJob.from_dict(job.kwargs["payload"])
+            payload = GenerationJob.model_validate(job.kwargs["payload"])
             if payload.kind in SIDE_TASKS:
                 entry.task = SIDE_TASKS[payload.kind](payload, self.engine.decoder, self.engine.tokenizer,
                                                       self.engine.eos_token_ids)
@@ -177,8 +177,8 @@ class BatchingWorker(SimpleWorker):
         events = []
         for update in updates:
             if update.token is not None:
-                data = {"token": update.token, "text": update.text, "index": update.index}
-                events.append((self.running[update.sequence.id].publisher, "token", data))
+                token = TokenEvent(token=update.token, text=update.text, index=update.index)
+                events.append((self.running[update.sequence.id].publisher, token))
         publish_many(self.connection, events)
         for update in updates:
             if update.finished:
@@ -196,28 +196,29 @@ class BatchingWorker(SimpleWorker):
             except ValueError as exc:
                 self.fail(entry, "invalid_job", str(exc), sys.exc_info())
                 continue
-            publish_many(self.connection, [(entry.publisher, kind, data) for kind, data in events if kind != "done"])
+            publish_many(self.connection, [(entry.publisher, event) for event in events if not event.terminal])
             if finished:
-                result = next(data for kind, data in events if kind == "done")
-                self.running.pop(entry.job.id, None)
-                self._finalize_success(entry.job, entry.queue, entry.execution, result)
-                entry.publisher.publish("done", result)
+                self.succeed(entry, next(event for event in events if event.terminal))
 
-    def result(self, entry: RunningJob) -> dict:
-        """The `done` event's data, also stored as the RQ job's result."""
+    def result(self, entry: RunningJob) -> DoneEvent:
+        """The `done` event of a finished sequence."""
         sequence = entry.sequence
-        return {"job_id": entry.job.id, "output_text": sequence.output_text, "output_ids": sequence.output_ids,
-                "finish_reason": sequence.finish_reason.value,
-                "usage": {"prompt_tokens": len(sequence.prompt_ids), "completion_tokens": len(sequence.output_ids)}}
+        return DoneEvent(job_id=entry.job.id, output_text=sequence.output_text, output_ids=sequence.output_ids,
+                         finish_reason=sequence.finish_reason.value,
+                         usage=Usage(prompt_tokens=len(sequence.prompt_ids),
+                                     completion_tokens=len(sequence.output_ids)))
+
+    def succeed(self, entry: RunningJob, done: DoneEvent) -> None:
+        """Mark the job finished in RQ (the `done` event's data is its result), then publish `done`."""
+        self.running.pop(entry.job.id, None)
+        self._finalize_success(entry.job, entry.queue, entry.execution, done.model_dump(mode="json"))
+        entry.publisher.publish(done)
 
     def settle(self, entry: RunningJob) -> None:
         """Record a finished sequence's outcome in RQ: finished, failed (timeout) or canceled."""
         sequence = entry.sequence
         if sequence.finish_reason != FinishReason.CANCELLED:
-            self.running.pop(entry.job.id, None)
-            result = self.result(entry)
-            self._finalize_success(entry.job, entry.queue, entry.execution, result)
-            entry.publisher.publish("done", result)
+            self.succeed(entry, self.result(entry))
         elif entry.timed_out:
             self.fail_timed_out(entry)
         else:
@@ -234,7 +235,7 @@ class BatchingWorker(SimpleWorker):
         """Publish an `error` event and mark the job failed in RQ."""
         self.running.pop(entry.job.id, None)
         self._finalize_failure(entry.job, entry.queue, entry.execution, exc_info)
-        entry.publisher.publish("error", {"error": {"type": error_type, "message": message}})
+        entry.publisher.publish(ErrorBody.of(error_type, message))
 
     def cancel(self, entry: RunningJob) -> None:
         """Publish a `cancelled` error event and move the job to RQ's canceled registry."""
@@ -244,7 +245,7 @@ class BatchingWorker(SimpleWorker):
             pipeline.execute()
         if not entry.job.is_canceled:  # DELETE may have cancelled it in RQ already
             entry.job.cancel()
-        entry.publisher.publish("error", {"error": {"type": "cancelled", "message": "the job was cancelled"}})
+        entry.publisher.publish(ErrorBody.of("cancelled", "the job was cancelled"))
 
     def keep_heartbeats(self) -> None:
         """Refresh the worker's and every running job's heartbeat every few seconds."""

@@ -9,7 +9,17 @@ from __future__ import annotations
 
 from functools import cache
 
-from shared.jobs import GenerationJob
+from shared.protocol import (
+    BeamCandidate,
+    BeamDoneEvent,
+    CandidatesEvent,
+    GenerationJob,
+    JobEvent,
+    ScoreDoneEvent,
+    ScoredCandidate,
+    TokenEvent,
+    Usage,
+)
 from workers.engine.beam import BeamSearch
 from workers.engine.decoder import Decoder
 from workers.engine.detokenizer import IncrementalDetokenizer
@@ -29,25 +39,29 @@ def score_rows(ranking) -> list[dict]:
     return [{"rerank_score": s.rerank_score, "combined_score": s.combined} for s in ranking.scores]
 
 
+TaskStep = tuple[list[JobEvent], bool]
+"""What a task's `step()` returns: the events to publish (in order), and whether the task is over."""
+
+
 class BeamTask:
     """Beam search over the prompt, then the reranker picks a candidate, which is streamed."""
 
     def __init__(self, job: GenerationJob, decoder: Decoder, tokenizer, eos_token_ids):
-        extra = job.extra
+        options = job.beam
+        if options is None:
+            raise ValueError("a beam job needs its beam options")
         self.job, self.tokenizer, self.eos_token_ids = job, tokenizer, set(eos_token_ids)
-        self.use_rerank = bool(extra.get("use_rerank", True))
-        self.context = extra.get("context", "")
-        self.search = BeamSearch(decoder, job.prompt_ids, int(extra.get("beam_width", 4)),
-                                 job.sampling.max_tokens, float(extra.get("length_penalty", 1.0)),
-                                 sorted(self.eos_token_ids))
+        self.use_rerank, self.context = options.use_rerank, options.context
+        self.search = BeamSearch(decoder, job.prompt_ids, options.beam_width, job.sampling.max_tokens,
+                                 options.length_penalty, sorted(self.eos_token_ids))
 
-    def step(self) -> tuple[list[tuple[str, dict]], bool]:
+    def step(self) -> TaskStep:
         """Advance the search one token; when it ends, the candidates, the winner's tokens and `done`."""
         if not self.search.step():
             return [], False
         return self.finish(), True
 
-    def finish(self) -> list[tuple[str, dict]]:
+    def finish(self) -> list[JobEvent]:
         candidates = self.search.results()
         texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in candidates]
         beam_scores = [c.score for c in candidates]
@@ -57,37 +71,34 @@ class BeamTask:
         else:
             winner = 0  # results() are ordered best beam first
             rows = [{"rerank_score": None, "combined_score": score} for score in beam_scores]
-        listed = [{"index": i, "text": text, "beam_score": score, **row}
+        listed = [BeamCandidate(index=i, text=text, beam_score=score, **row)
                   for i, (text, score, row) in enumerate(zip(texts, beam_scores, rows))]
-        events = [("candidates", {"candidates": listed, "winner": winner, "use_rerank": self.use_rerank})]
         chosen = candidates[winner]
         detokenizer = IncrementalDetokenizer(self.tokenizer)
-        for index, token in enumerate(chosen.token_ids):
-            text = "" if token in self.eos_token_ids else detokenizer.add(token)
-            events.append(("token", {"token": token, "text": text, "index": index}))
-        output_text = "".join(data["text"] for kind, data in events if kind == "token")
-        events.append(("done", {
-            "job_id": self.job.job_id, "output_text": output_text, "output_ids": chosen.token_ids,
-            "finish_reason": "eos" if chosen.ended_with_eos else "length", "winner": winner,
-            "usage": {"prompt_tokens": len(self.job.prompt_ids), "completion_tokens": len(chosen.token_ids)}}))
-        return events
+        tokens = [TokenEvent(token=token, text="" if token in self.eos_token_ids else detokenizer.add(token),
+                             index=index) for index, token in enumerate(chosen.token_ids)]
+        done = BeamDoneEvent(
+            job_id=self.job.job_id, output_text="".join(token.text for token in tokens),
+            output_ids=chosen.token_ids, finish_reason="eos" if chosen.ended_with_eos else "length", winner=winner,
+            usage=Usage(prompt_tokens=len(self.job.prompt_ids), completion_tokens=len(chosen.token_ids)))
+        return [CandidatesEvent(candidates=listed, winner=winner, use_rerank=self.use_rerank), *tokens, done]
 
 
 class ScoreTask:
     """Scores given candidate texts under the model and the reranker, without generating."""
 
     def __init__(self, job: GenerationJob, decoder: Decoder, tokenizer, eos_token_ids):
-        self.job, self.decoder, self.tokenizer = job, decoder, tokenizer
-        self.candidates = list(job.extra.get("candidates") or [])
-        if not self.candidates:
+        if job.score is None:
             raise ValueError("a scoring job needs candidates")
-        self.context = job.extra.get("context", "")
-        self.length_penalty = float(job.extra.get("length_penalty", 1.0))
+        self.job, self.decoder, self.tokenizer = job, decoder, tokenizer
+        self.candidates, self.context = job.score.candidates, job.score.context
+        self.length_penalty = job.score.length_penalty
 
-    def step(self) -> tuple[list[tuple[str, dict]], bool]:
+    def step(self) -> TaskStep:
+        """Score every candidate in one go: the `done` event carries the scores."""
         candidate_ids = [self.tokenizer.encode(text, add_special_tokens=False).ids for text in self.candidates]
         lm_scores = score_candidates(self.decoder, self.job.prompt_ids, candidate_ids, self.length_penalty)
         ranking = shared_reranker().select_best(self.context, self.candidates, lm_scores)
-        rows = [{"index": i, "text": text, "lm_score": score, **row}
+        rows = [ScoredCandidate(index=i, text=text, lm_score=score, **row)
                 for i, (text, score, row) in enumerate(zip(self.candidates, lm_scores, score_rows(ranking)))]
-        return [("done", {"job_id": self.job.job_id, "candidates": rows, "winner": ranking.index})], True
+        return [ScoreDoneEvent(job_id=self.job.job_id, candidates=rows, winner=ranking.index)], True
