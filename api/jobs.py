@@ -5,12 +5,18 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify, request
 
 from api.extensions import get_redis, get_settings
-from api.generation import JOB_EVENTS, STREAM_DESCRIPTION, STREAM_EXAMPLE, X_JOB_ID
+from api.generation import STREAM_EXAMPLE, X_JOB_ID
 from api.job_state import describe, follow_job, last_event, request_cancel, require_known
 from api.openapi import Param, Reply, json_reply, operation, sse_media
 from api.schemas import CancelResult, JobStatus
 from api.sse import relay, sse_response
 from shared.exceptions import ValidationError
+from shared.protocol import ANY_JOB_EVENTS
+
+RESUME_DESCRIPTION = ("Server-sent events of the job, whatever its kind: a generation's `token` events, a beam "
+                      "search's `candidates` then its winner's tokens, then one `done` (a scoring job's carries its "
+                      "scores) or `error` event (see `x-events`). Comment lines (`: keep-alive`) come during "
+                      "silences.")
 
 bp = Blueprint("jobs", __name__, url_prefix="/jobs")
 
@@ -31,7 +37,7 @@ def status(job_id: str):
            params=(Param("Last-Event-ID", "header", "Id of the last event seen; the replay starts after it."),
                    Param("last_event_id", "query", "The same, for clients that cannot set headers.")),
            responses={200: Reply("The events after Last-Event-ID, then the live ones.", (
-               sse_media(JOB_EVENTS, STREAM_DESCRIPTION, STREAM_EXAMPLE),), X_JOB_ID),
+               sse_media(ANY_JOB_EVENTS, RESUME_DESCRIPTION, STREAM_EXAMPLE),), X_JOB_ID),
                204: Reply("The client has seen the job's last event already.")},
            errors={400: "Last-Event-ID is not a non-negative integer.", **NOT_FOUND})
 def resume(job_id: str) -> Response:

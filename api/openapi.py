@@ -46,7 +46,7 @@ class Media:
     media_type: str
     model: type[BaseModel] | None = None
     schema: dict | None = None
-    events: dict[str, type[BaseModel]] = field(default_factory=dict)
+    events: dict[str, type[BaseModel] | tuple[type[BaseModel], ...]] = field(default_factory=dict)
     example: str | None = None
 
 
@@ -136,7 +136,7 @@ def _schemas(operations) -> tuple[dict, dict]:
         wanted[(op.error_model, "serialization")] = None
         for reply in op.responses.values():
             for media in reply.content:
-                for model in ([media.model] if media.model else []) + list(media.events.values()):
+                for model in ([media.model] if media.model else []) + _event_models(media):
                     wanted[(model, "serialization")] = None
     refs, definitions = models_json_schema(list(wanted), ref_template="#/components/schemas/{model}")
     return refs, definitions
@@ -175,13 +175,29 @@ def _reply(reply: Reply, refs: dict) -> dict:
     for media in reply.content:
         entry: dict = {"schema": refs[(media.model, "serialization")] if media.model else media.schema or {}}
         if media.events:
-            entry["x-events"] = {name: refs[(model, "serialization")] for name, model in media.events.items()}
+            entry["x-events"] = {name: _one_of(_as_tuple(models), refs) for name, models in media.events.items()}
         if media.example is not None:
             entry["example"] = media.example
         content[media.media_type] = entry
     if content:
         result["content"] = content
     return result
+
+
+def _as_tuple(models) -> tuple[type[BaseModel], ...]:
+    """An event's model, or its several alternatives, as a tuple."""
+    return models if isinstance(models, tuple) else (models,)
+
+
+def _event_models(media: Media) -> list[type[BaseModel]]:
+    """Every model an SSE media type's events may carry."""
+    return [model for models in media.events.values() for model in _as_tuple(models)]
+
+
+def _one_of(models: tuple[type[BaseModel], ...], refs: dict) -> dict:
+    """The `$ref` of one model, or `anyOf` the refs of several."""
+    schemas = [refs[(model, "serialization")] for model in models]
+    return schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
 
 
 def _path(rule: str) -> str:

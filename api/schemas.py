@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.protocol import DoneEvent, ErrorBody, ErrorDetail, FinishReason, Usage
+from shared.protocol import DoneEvent, ErrorBody, ErrorDetail, FinishReason, ScoreDoneEvent, Usage
 from shared.sampling import STRICT, SamplingFields
 
 Backend = Literal["gpu", "cpu", "auto"]
@@ -73,7 +73,8 @@ class JobStatus(BaseModel):
     status: str = Field(description="RQ's status: queued, started, finished, failed, canceled, ...")
     backend: str | None = Field(description="The pool the job was sent to (null once RQ forgot the job).")
     events: int = Field(description="Events published so far (the last one's id).")
-    result: DoneEvent | None = Field(None, description="Present once the job finished.")
+    result: DoneEvent | ScoreDoneEvent | None = Field(None, description="Present once the job finished (a "
+                                                                        "scoring job's has its scores).")
     error: ErrorDetail | None = Field(None, description="Present once the job failed or was cancelled.")
 
 

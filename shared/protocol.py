@@ -187,6 +187,13 @@ EVENTS_BY_KIND: dict[JobKind, dict[str, type[JobEvent]]] = {
 }
 """The events each kind of job publishes, by SSE name, in the order they come."""
 
+ANY_JOB_EVENTS: dict[str, tuple[type[JobEvent], ...]] = {}
+"""The events a stream of a job of any kind may carry, by SSE name (a resumed stream does not know the kind)."""
+for _events in EVENTS_BY_KIND.values():
+    for _name, _model in _events.items():
+        if _model not in ANY_JOB_EVENTS.setdefault(_name, ()):
+            ANY_JOB_EVENTS[_name] += (_model,)
+
 TERMINAL_EVENTS = frozenset(name for events in EVENTS_BY_KIND.values()
                             for name, model in events.items() if model.terminal)
 """Event types after which a job publishes nothing more."""

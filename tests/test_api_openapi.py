@@ -88,15 +88,29 @@ def test_the_documented_limits_are_the_enforced_ones(client, document, live_work
         assert response.json["error"]["field"] == name
 
 
-@pytest.mark.parametrize("path", ["/stream", "/chat", "/jobs/{job_id}/stream"])
-def test_sse_routes_are_event_streams_with_their_event_shapes(document, path):
+def refs(*models: str) -> dict:
+    """The document's schema of an event carrying one of `models`."""
+    return {"$ref": REF.format(model=models[0])} if len(models) == 1 else {
+        "anyOf": [{"$ref": REF.format(model=model)} for model in models]}
+
+
+GENERATION_EVENTS = {"token": refs("TokenEvent"), "done": refs("DoneEvent"), "error": refs("ErrorBody")}
+
+
+@pytest.mark.parametrize(("path", "events"), [
+    ("/stream", GENERATION_EVENTS),
+    ("/chat", GENERATION_EVENTS),
+    ("/stream_chat_beam", {"candidates": refs("CandidatesEvent"), "token": refs("TokenEvent"),
+                           "done": refs("BeamDoneEvent"), "error": refs("ErrorBody")}),
+    ("/jobs/{job_id}/stream", {"token": refs("TokenEvent"), "done": refs("DoneEvent", "BeamDoneEvent", "ScoreDoneEvent"),
+                               "error": refs("ErrorBody"), "candidates": refs("CandidatesEvent")}),
+])
+def test_sse_routes_are_event_streams_with_their_event_shapes(document, path, events):
     method = "get" if path.startswith("/jobs/") else "post"
     ok = document["paths"][path][method]["responses"]["200"]
     stream = ok["content"]["text/event-stream"]
-    assert stream["x-events"] == {"token": {"$ref": REF.format(model="TokenEvent")},
-                                  "done": {"$ref": REF.format(model="DoneEvent")},
-                                  "error": {"$ref": REF.format(model="ErrorBody")}}
-    assert "event: token" in stream["example"]
+    assert stream["x-events"] == events
+    assert "event: token" in stream["example"] or "event: candidates" in stream["example"]
     assert "X-Job-Id" in ok["headers"]
 
 
