@@ -1,26 +1,18 @@
 """The HTTP front end: validates requests, routes them to a worker pool over RQ, relays events as SSE.
 
 Nothing here imports torch: the tokenizer comes from `shared.tokenizer` (tokenizers + jinja2 only).
+The request path is mapped in docs/DESIGN.md; in short: `routes/` (and `openai/`) parse a body with a
+`models/` class, `prompts` turns it into token ids that fit the context, `jobs/` enqueues the job and
+relays its events.
 """
 
 from __future__ import annotations
 
 from flask import Flask
 
-from api import (
-    batches,
-    beam_routes,
-    chat,
-    demo,
-    errors,
-    extensions,
-    generation,
-    health,
-    jobs,
-    openai_routes,
-    openapi,
-    tokenizer_routes,
-)
+from api import errors, extensions, openapi
+from api.openai import routes as openai_routes
+from api.routes import batches, chat, demo, generate, health, jobs, tokenizer
 from shared.settings import Settings
 
 MAX_CONTENT_LENGTH = 1 << 20
@@ -41,8 +33,7 @@ def create_app(test_config: dict | None = None) -> Flask:
         app.config.from_mapping(test_config)
     extensions.init_app(app)
     errors.init_app(app)
-    for blueprint in (generation.bp, chat.bp, beam_routes.bp, batches.bp, jobs.bp, health.bp, tokenizer_routes.bp,
-                      openapi.bp, demo.bp):
+    for blueprint in (generate.bp, chat.bp, batches.bp, jobs.bp, health.bp, tokenizer.bp, openapi.bp, demo.bp):
         app.register_blueprint(blueprint)
     openai_routes.init_app(app)
     return app

@@ -16,10 +16,16 @@ from shared.protocol import ErrorBody
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 """Redis failures that mean the service is unavailable rather than broken."""
 
-JOB_ERROR_STATUS = {"cancelled": 409, "invalid_job": 422, "job_lost": 502, "timeout": 504}
-"""HTTP status of error types only workers (or the event follower) report; others come from exceptions.py.
+JOB_ERRORS = {
+    "cancelled": (409, "The job was cancelled (DELETE /jobs/<id>)."),
+    "invalid_job": (422, "The worker could not run the job as given (say, its own context is shorter)."),
+    "job_lost": (502, "The job was lost (its worker died)."),
+    "timeout": (504, "The job ran past JOB_TIMEOUT_S."),
+}
+"""Error types only workers (or the event follower) report -> their HTTP status and what it means; the
+statuses of the other types come from shared/exceptions.py."""
 
-`invalid_job`: the worker could not run the job as given (say, longer than its own context limit)."""
+JOB_ERROR_STATUS = {error_type: status for error_type, (status, _) in JOB_ERRORS.items()}
 
 
 ERROR_FORMATS_KEY = "error_formats"

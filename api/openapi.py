@@ -17,7 +17,7 @@ from flask import Blueprint, Flask, current_app, jsonify, send_from_directory
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from api.schemas import ErrorBody
+from shared.protocol import ErrorBody
 
 OPENAPI_VERSION = "3.1.0"
 SKIPPED_METHODS = frozenset({"HEAD", "OPTIONS"})

@@ -13,7 +13,7 @@ from rq import Queue
 from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 
-from api.routing import submit
+from api.jobs.routing import submit
 from shared.events import EventPublisher
 from shared.protocol import (
     BeamCandidate,
@@ -22,8 +22,8 @@ from shared.protocol import (
     DoneEvent,
     ErrorBody,
     GenerationJob,
-    ScoreDoneEvent,
     ScoredCandidate,
+    ScoreDoneEvent,
     TokenEvent,
     Usage,
 )

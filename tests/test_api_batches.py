@@ -10,7 +10,7 @@ from rq.results import Result
 from rq.serializers import JSONSerializer
 
 from api import create_app
-from api.batch_store import batch_key
+from api.jobs.batch_store import batch_key
 from shared.events import backlog_key, read_backlog
 from shared.tokenizer import load_tokenizer
 from tests.fixtures_jobs import SCRIPT, ScriptedWorker

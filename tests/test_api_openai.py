@@ -10,10 +10,10 @@ import openai
 import pytest
 from rq import Queue
 
-from api.openai_format import ChunkEncoder, TextCompletionView
+from api.openai.format import ChunkEncoder, TextCompletionView
 from shared.events import Event, cancel_key
-from shared.protocol import TokenEvent
 from shared.model_files import model_name
+from shared.protocol import TokenEvent
 from shared.tokenizer import load_tokenizer
 from tests.fixtures_jobs import ScriptedWorker
 

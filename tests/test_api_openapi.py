@@ -8,11 +8,11 @@ import re
 import pytest
 from openapi_spec_validator import OpenAPIV31SpecValidator
 
-from api.batches import BatchBody
-from api.chat_schemas import BeamBody, ChatBody, RerankBody
-from api.openai_schemas import ChatCompletionRequest, CompletionRequest
-from api.schemas import GenerationBody
-from api.tokenizer_routes import DetokenizeBody, TokenizeBody
+from api.models.batches import BatchBody
+from api.models.conversation import BeamBody, ChatBody, RerankBody
+from api.models.generation import GenerationBody
+from api.models.tokenizer import DetokenizeBody, TokenizeBody
+from api.openai.models import ChatCompletionRequest, CompletionRequest
 
 NOT_DOCUMENTED = {"demo.static", "openapi.swagger_asset"}
 """Endpoints serving page assets (scripts, styles), which are not part of the API."""

@@ -22,10 +22,10 @@ from rq.timeouts import JobTimeoutException
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
-from shared.exceptions import ConfigurationError
 from shared.events import EventPublisher, cancel_key, publish_many
-from shared.protocol import DoneEvent, ErrorBody, GenerationJob, JobKind, TokenEvent, Usage
+from shared.exceptions import ConfigurationError
 from shared.model_files import force_offline
+from shared.protocol import DoneEvent, ErrorBody, GenerationJob, JobKind, TokenEvent, Usage
 from shared.settings import Settings
 from shared.tokenizer import load_tokenizer
 from workers.engine.decoder import Decoder

@@ -15,8 +15,8 @@ from shared.protocol import (
     CandidatesEvent,
     GenerationJob,
     JobEvent,
-    ScoreDoneEvent,
     ScoredCandidate,
+    ScoreDoneEvent,
     TokenEvent,
     Usage,
 )

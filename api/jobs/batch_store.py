@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import redis
 from rq.job import JobStatus
 
-from api.generation import result_body
-from api.job_state import GONE_STATUSES, fetch_job, follow_job
-from api.routing import submit_many
+from api.jobs.routing import submit_many
+from api.jobs.state import GONE_STATUSES, fetch_job, follow_job
+from api.models.generation import GenerationResult
 from shared.events import Event, backlog_key, read_backlog
 from shared.exceptions import NotFoundError
 from shared.protocol import DoneEvent, ErrorBody, GenerationJob
@@ -84,7 +84,7 @@ def slot(record: BatchRecord, index: int, events: list[Event]) -> dict | None:
     last = events[-1]
     if last.type == "error":
         return ErrorBody.model_validate(last.data).model_dump(mode="json")
-    return result_body(record.prompts[index], record.backend, DoneEvent.model_validate(last.data))
+    return GenerationResult.of(record.prompts[index], record.backend, DoneEvent.model_validate(last.data)).model_dump()
 
 
 def current_results(connection: redis.Redis, record: BatchRecord) -> list[dict | None]:

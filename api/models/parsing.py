@@ -1,4 +1,5 @@
-"""Pydantic's validation errors as the service's one `ValidationError`: a sentence naming the field.
+"""Request bodies as models: JSON parsed strictly, validated against a pydantic model, and pydantic's errors
+turned into the service's one `ValidationError` (a 400 with a sentence naming the field).
 
 A request that breaks several rules gets the first one (unknown fields before everything else, as a
 client that misspelt a name learns most from that). Union types (`stop`: a string or a list) report one
@@ -7,7 +8,47 @@ error per alternative; the most specific one is kept, or all alternatives are na
 
 from __future__ import annotations
 
+import json
+from typing import TypeVar
+
+from flask import request
+from pydantic import BaseModel
+from pydantic import ValidationError as PydanticValidationError
+
+from api.models.fields import MAX_TOKENS_LIMIT_KEY
 from shared.exceptions import ValidationError
+from shared.settings import Settings
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def read_json_object(raw: bytes) -> dict:
+    """The request body as a JSON object; malformed JSON, NaN/Infinity and non-objects are refused."""
+    try:
+        body = json.loads(raw or b"", parse_constant=_refuse_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValidationError(f"body is not valid JSON: {exc}", field="body") from exc
+    if not isinstance(body, dict):
+        raise ValidationError(f"body must be a JSON object, got {type(body).__name__}", field="body")
+    return body
+
+
+def parse_model(model: type[Model], body: dict, settings: Settings) -> Model:
+    """`body` validated against `model`, max_tokens capped by the settings; a ValidationError naming the field."""
+    try:
+        return model.model_validate(body, context={MAX_TOKENS_LIMIT_KEY: settings.max_new_tokens_limit})
+    except PydanticValidationError as exc:
+        raise validation_error(exc.errors(), list(model.model_fields)) from None
+
+
+def parse_request_body(model: type[Model], settings: Settings) -> Model:
+    """The current request's JSON body validated against `model`."""
+    return parse_model(model, read_json_object(request.get_data()), settings)
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not allowed")
+
 
 TYPE_NAMES = {
     "string_type": "a string", "int_type": "an integer", "float_type": "a number", "bool_type": "a boolean",

@@ -10,9 +10,9 @@ from flask import Response
 
 from api.errors import error_from_event
 from api.extensions import get_redis, get_settings
-from api.job_state import follow_job, request_cancel
-from api.routing import choose_backend, submit
-from api.sse import Encoder, relay, sse_response
+from api.jobs.routing import choose_backend, submit
+from api.jobs.sse import Encoder, relay, sse_response
+from api.jobs.state import follow_job, request_cancel
 from shared.protocol import EVENTS_BY_KIND, BeamOptions, DoneEvent, ErrorBody, GenerationJob, JobKind, ScoreOptions
 from shared.sampling import SamplingParams
 

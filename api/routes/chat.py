@@ -1,26 +1,56 @@
-"""`POST /stream_chat_beam` (beam search, rerank, stream the winner) and `POST /rerank_scores` (debug).
+"""The conversation routes: `POST /chat` (the assistant's next turn, streamed like /stream),
+`POST /stream_chat_beam` (beam search, rerank, stream the winner) and `POST /rerank_scores` (debug).
 
-Both enqueue jobs that workers run beside their running batch (`workers/tasks.py`): a BEAM job publishes
-a `candidates` event, then the winner's `token` events, then `done`; a SCORE job publishes only `done`.
+Each renders the conversation with the model's chat template and fits it to the context (`api.prompts`).
+BEAM and SCORE jobs run beside the worker's running batch: a BEAM job publishes a `candidates` event, then
+the winner's `token` events, then `done`; a SCORE job publishes only `done`.
 """
 
 from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from api import pipeline
-from api.chat_schemas import BeamBody, RerankBody
-from api.conversation import DROPPED_HEADER_DOC, fit_conversation
 from api.extensions import get_settings, get_tokenizer
-from api.generation import GENERATION_ERRORS, X_JOB_ID
+from api.jobs import pipeline
+from api.models.conversation import BeamBody, ChatBody, RerankBody
+from api.models.parsing import parse_request_body
 from api.openapi import Reply, json_reply, operation, sse_media
-from api.validation import parse_request_body
+from api.prompts import DROPPED_HEADER_DOC, fit_conversation
+from api.routes.documentation import (
+    GENERATION_ERRORS,
+    JOB_ERROR_DESCRIPTIONS,
+    STREAM_DESCRIPTION,
+    STREAM_EXAMPLE,
+    X_JOB_ID,
+)
 from shared.exceptions import ValidationError
 from shared.protocol import EVENTS_BY_KIND, BeamOptions, JobKind, ScoreDoneEvent, ScoreOptions
 from shared.sampling import SamplingParams
 from shared.tokenizer import TextTokenizer
 
-bp = Blueprint("beam", __name__)
+bp = Blueprint("chat", __name__)
+
+
+@bp.post("/chat")
+@operation("Reply to a conversation, streamed token by token (SSE)", tag="chat", body=ChatBody,
+           responses={200: Reply("The reply's events as they happen (the same events as /stream).", (
+               sse_media(EVENTS_BY_KIND[JobKind.GENERATE], STREAM_DESCRIPTION, STREAM_EXAMPLE),), {**X_JOB_ID, **DROPPED_HEADER_DOC})},
+           errors=GENERATION_ERRORS)
+def chat() -> Response:
+    """Render the conversation with the model's chat template and stream the assistant's next turn.
+
+    Events, headers and cancel-on-leave are those of /stream. A history too long for the context loses its
+    oldest user/assistant pairs, never the system message or the last user turn; the `X-Messages-Dropped`
+    header says how many messages went (a 400 `context_length_exceeded` when even those do not fit). A
+    conversation ending with an assistant turn gets another assistant turn.
+    """
+    settings = get_settings()
+    body = parse_request_body(ChatBody, settings)
+    sampling = body.sampling(settings.default_max_tokens)
+    fitted = fit_conversation(body.turns(), sampling.max_tokens, get_tokenizer(), settings)
+    job = pipeline.enqueue(fitted.prompt_ids, sampling, body.backend or settings.backend_mode)
+    return fitted.mark(pipeline.stream(job))
+
 
 
 BEAM_EXAMPLE = ('id: 1\nevent: candidates\ndata: {"candidates":[{"index":0,"text":"Paris.","beam_score":-0.21,'
@@ -32,9 +62,6 @@ BEAM_EXAMPLE = ('id: 1\nevent: candidates\ndata: {"candidates":[{"index":0,"text
 BEAM_DESCRIPTION = ("Server-sent events: one `candidates` event once the search has ended, then the winner's "
                     "`token` events, then `done` (or an `error` event at any point).")
 
-JOB_ERRORS = {**GENERATION_ERRORS, 409: "The job was cancelled (DELETE /jobs/<id>).",
-              422: "The worker could not run the job as given (say, its own context is shorter).",
-              502: "The job was lost (its worker died).", 504: "The job ran past JOB_TIMEOUT_S."}
 
 
 @bp.post("/stream_chat_beam")
@@ -64,7 +91,7 @@ def stream_chat_beam() -> Response:
 @operation("Score given answers to a conversation (debug)", tag="chat", body=RerankBody,
            responses={200: json_reply("Every candidate's scores, and the winner.", ScoreDoneEvent,
                                       headers={**X_JOB_ID, **DROPPED_HEADER_DOC})},
-           errors=JOB_ERRORS)
+           errors={**GENERATION_ERRORS, **JOB_ERROR_DESCRIPTIONS})
 def rerank_scores():
     """Score each candidate as the assistant's next turn: its LM score, its relevance, and the two combined.
 

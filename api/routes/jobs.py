@@ -5,11 +5,11 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify, request
 
 from api.extensions import get_redis, get_settings
-from api.generation import STREAM_EXAMPLE, X_JOB_ID
-from api.job_state import describe, follow_job, last_event, request_cancel, require_known
+from api.jobs.sse import relay, sse_response
+from api.jobs.state import describe, follow_job, last_event, request_cancel, require_known
+from api.models.jobs import CancelResult, JobStatus
 from api.openapi import Param, Reply, json_reply, operation, sse_media
-from api.schemas import CancelResult, JobStatus
-from api.sse import relay, sse_response
+from api.routes.documentation import STREAM_EXAMPLE, X_JOB_ID
 from shared.exceptions import ValidationError
 from shared.protocol import ANY_JOB_EVENTS
 

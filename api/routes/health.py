@@ -6,9 +6,9 @@ from flask import Blueprint, jsonify
 
 from api.errors import REDIS_DOWN
 from api.extensions import get_redis
+from api.jobs.routing import live_worker_counts
+from api.models.jobs import Health
 from api.openapi import json_reply, operation
-from api.routing import live_worker_counts
-from api.schemas import Health
 from shared.settings import BACKENDS
 
 bp = Blueprint("health", __name__)

@@ -12,9 +12,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from api.schemas import BACKEND_FIELD, Backend, ChatMessage
+from api.models.conversation import ChatMessage
+from api.models.fields import BACKEND_FIELD, STRICT, Backend, MaxTokens, SamplingFields
 from shared.exceptions import ValidationError
-from shared.sampling import STRICT, MaxTokens, SamplingFields, check_max_tokens_limit
 
 OpenAIFinishReason = Literal["stop", "length"]
 
@@ -95,11 +95,6 @@ class ChatCompletionRequest(OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: MaxTokens | None = Field(None, description="Same as max_tokens (give one of the two).")
     logprobs: bool | None = Field(None, description="Only false.")
-
-    @field_validator("max_completion_tokens")
-    @classmethod
-    def _within_limit(cls, value, info):
-        return check_max_tokens_limit(value, info)
 
     @field_validator("logprobs")
     @classmethod

@@ -3,18 +3,18 @@
 A conversation is given either as plain strings (user and assistant turns alternating, the user first) or
 as `{role, content}` objects (an optional first `system` message, then user and assistant turns
 alternating from the user). Shapes are checked here, so every route refuses the same conversations with
-the same 400 naming the message at fault; rendering and fitting it to the context is `api.conversation`.
+the same 400 naming the message at fault; rendering and fitting it to the context is `api.prompts`.
+`ChatMessage` is the other shape a conversation comes in: OpenAI's messages (/v1/chat/completions, /tokenize).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
-from api.schemas import BACKEND_FIELD, Backend
+from api.models.fields import BACKEND_FIELD, STRICT, Backend, MaxTokens, SamplingFields
 from shared.exceptions import ValidationError
-from shared.sampling import STRICT, MaxTokens, SamplingFields, check_max_tokens_limit
 
 MAX_BEAM_WIDTH = 8
 """Widest beam search, and most candidates /rerank_scores takes (each is a row of the worker's private cache)."""
@@ -144,11 +144,6 @@ class BeamBody(ConversationBody):
                                                "combined); false streams the best beam. " + CONTEXT_NOTE)
     backend: Backend | None = BACKEND_FIELD
 
-    @field_validator("max_tokens")
-    @classmethod
-    def _within_limit(cls, value, info):
-        return check_max_tokens_limit(value, info)
-
 
 class RerankBody(ConversationBody):
     """`POST /rerank_scores`: score given answers to the conversation, without generating."""
@@ -162,3 +157,28 @@ class RerankBody(ConversationBody):
                                                              + CONTEXT_NOTE)
     length_penalty: LengthPenalty = 1.0
     backend: Backend | None = BACKEND_FIELD
+
+
+class TextPart(BaseModel):
+    """One text part of a message's content (the only kind of part this server takes)."""
+
+    model_config = STRICT
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One turn of a conversation, rendered with the model's chat template."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description="`developer` is treated as `system`.")
+    content: str | list[TextPart] = Field(description="Text, or a list of text parts that are joined.")
+    name: str | None = Field(None, description="Accepted for compatibility; the template does not use it.")
+
+    def as_template_input(self) -> dict:
+        """`{"role", "content"}` as chat templates expect it (one string of content)."""
+        content = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from api.errors import error_from_event
-from api.openai_schemas import (
+from api.openai.models import (
     FINISH_REASONS,
     AssistantMessage,
     ChatChoice,

@@ -11,11 +11,12 @@ import time
 
 from flask import Blueprint, jsonify
 
-from api import errors, pipeline
+from api import errors
 from api.extensions import get_settings, get_tokenizer
-from api.generation import GENERATION_ERRORS, X_JOB_ID
-from api.openai_format import ChatCompletionView, ChunkEncoder, TextCompletionView, openai_error
-from api.openai_schemas import (
+from api.jobs import pipeline
+from api.models.parsing import parse_request_body
+from api.openai.format import ChatCompletionView, ChunkEncoder, TextCompletionView, openai_error
+from api.openai.models import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -27,10 +28,10 @@ from api.openai_schemas import (
     OpenAIRequest,
 )
 from api.openapi import Media, Reply, json_reply, operation, sse_media
-from api.validation import check_prompt, parse_request_body
+from api.prompts import check_prompt
+from api.routes.documentation import GENERATION_ERRORS, JOB_ERROR_DESCRIPTIONS, X_JOB_ID
 from shared.exceptions import ModelNotFoundError
 from shared.model_files import MANIFEST, model_name
-from shared.sampling import SamplingParams
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
@@ -38,8 +39,7 @@ PREFIX = "/v1/"
 OWNER = "llm-stream-server"
 
 JOB_ERRORS = {**GENERATION_ERRORS, 404: "The `model` asked for is not served here (code `model_not_found`).",
-              409: "The job was cancelled.", 502: "The job was lost (its worker died).",
-              504: "The job ran past JOB_TIMEOUT_S."}
+              **JOB_ERROR_DESCRIPTIONS}
 """Errors of the generation routes, in OpenAI's shape (`code` is the native error type)."""
 
 STREAM_DESCRIPTION = ("With `stream: true`: server-sent `data:` chunks (see `x-events`), then `data: [DONE]`. "
@@ -109,7 +109,7 @@ def check_model(body: OpenAIRequest) -> ModelCard:
 def run(body: OpenAIRequest, model: ModelCard, prompt_ids: list[int], view_class, prompt_field: str):
     """Check the context, enqueue, then stream chunks or answer once the job is done."""
     settings = get_settings()
-    sampling = SamplingParams.from_fields(body, default_max_tokens=settings.default_max_tokens)
+    sampling = body.sampling(settings.default_max_tokens)
     check_prompt(prompt_ids, sampling.max_tokens, get_tokenizer(), settings, field=prompt_field)
     job = pipeline.enqueue(prompt_ids, sampling, body.backend or settings.backend_mode)
     view = view_class(job.job_id, model.id, int(time.time()))

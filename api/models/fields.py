@@ -1,0 +1,75 @@
+"""Fields several request models share: strictness, the backend choice, and the sampling fields.
+
+`SamplingFields` is the one statement of what a client may ask for: it validates request bodies and
+produces their JSON Schema in the OpenAPI document; `SamplingFields.sampling()` turns the validated fields
+into the `shared.sampling.SamplingParams` that travel on to the worker.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
+
+from shared.sampling import MAX_STOP_SEQUENCES, SamplingParams
+
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+"""Request models: unknown fields refused, no type coercion ("10" is not 10, true is not 1), no NaN."""
+
+MAX_TOKENS_LIMIT_KEY = "max_tokens_limit"
+"""Validation-context key carrying the server's cap on max_tokens (a setting, so not in the schema)."""
+
+MAX_SEED = 2**63 - 1
+
+Backend = Literal["gpu", "cpu", "auto"]
+
+BACKEND_FIELD = Field(None, description="Worker pool: `gpu`, `cpu`, or `auto` (GPU when a GPU worker is live). "
+                                        "The server's BACKEND_MODE when left out.")
+
+
+def check_max_tokens_limit(value: int, info: ValidationInfo) -> int:
+    """Refuse a max_tokens above the cap passed in the validation context (MAX_NEW_TOKENS_LIMIT)."""
+    limit = (info.context or {}).get(MAX_TOKENS_LIMIT_KEY)
+    if limit is not None and value > limit:
+        raise ValueError(f"must be between 1 and {limit}, got {value}")
+    return value
+
+
+MaxTokens = Annotated[int, Field(ge=1, description="Tokens to generate at most; the server's MAX_NEW_TOKENS_LIMIT "
+                                                   "caps it, and prompt + max_tokens must fit the context."),
+                      AfterValidator(check_max_tokens_limit)]
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, description="0 is greedy decoding.")]
+TopK = Annotated[int, Field(ge=0, le=1_000_000, description="Keep the k most likely tokens; 0 keeps all.")]
+TopP = Annotated[float, Field(gt=0.0, le=1.0, description="Nucleus sampling: the smallest set of tokens "
+                                                          "whose probabilities add up to top_p.")]
+RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0, description="Above 1 discourages repeating "
+                                                                        "tokens already in the text.")]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="Makes sampling reproducible.")]
+Stop = Annotated[
+    Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
+                                                   Field(max_length=MAX_STOP_SEQUENCES)],
+    Field(description="A stop sequence or a list of at most four; generation ends before one would appear "
+                      "and the text never includes it."),
+]
+
+
+class SamplingFields(BaseModel):
+    """The sampling fields of a request body; absent or null fields keep the server's defaults."""
+
+    model_config = STRICT
+
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = Field(None, description="0 is greedy decoding; 1.0 by default.")
+    top_k: TopK | None = None
+    top_p: TopP | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    seed: Seed | None = None
+    stop: Stop | None = None
+
+    def sampling(self, default_max_tokens: int) -> SamplingParams:
+        """The parameters a worker samples with; the fields left out keep their defaults."""
+        values = {name: getattr(self, name) for name in SamplingFields.model_fields if getattr(self, name) is not None}
+        if "stop" in values:
+            values["stop"] = (values["stop"],) if isinstance(values["stop"], str) else tuple(values["stop"])
+        values.setdefault("max_tokens", default_max_tokens)
+        return SamplingParams(**values)
