@@ -101,7 +101,7 @@ class ChatCompletionView:
 
 
 class ChunkEncoder:
-    """`api.sse.Encoder` writing a job's events as OpenAI stream chunks, then `data: [DONE]`."""
+    """`api.jobs.sse.Encoder` writing a job's events as OpenAI stream chunks, then `data: [DONE]`."""
 
     def __init__(self, view: TextCompletionView | ChatCompletionView, include_usage: bool):
         self.view = view

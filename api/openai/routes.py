@@ -1,6 +1,6 @@
 """OpenAI-compatible routes under /v1: the same pipeline as /generate and /stream, OpenAI's shapes.
 
-A request is validated (`api.openai_schemas`), tokenized (chat messages through the model's chat
+A request is validated (`api.openai.models`), tokenized (chat messages through the model's chat
 template), checked against the context, enqueued on a live pool and then either collected into one
 answer or relayed as chunks; a client leaving a stream cancels the job, as on /stream.
 """

@@ -1,7 +1,7 @@
 """`POST /generate_batch` (many prompts, one job each, enqueued together) and `GET /batches/<id>`.
 
 Every prompt becomes its own GENERATE job, so the prompts spread over the pool's workers and batch with
-other traffic there; the batch itself is only a record of the jobs (`api.batch_store`).
+other traffic there; the batch itself is only a record of the jobs (`api.jobs.batch_store`).
 """
 
 from __future__ import annotations
