@@ -46,7 +46,6 @@ class Settings:
     backlog_ttl_s: int = 600
     job_timeout_s: int = 600
     keepalive_s: float = 5.0
-    worker_ttl_s: int = 60
     max_batch_prompts: int = 64  # prompts one POST /generate_batch may carry
     batch_ttl_s: int = 3600  # how long a batch's record and its jobs' results stay readable
 

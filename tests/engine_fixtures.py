@@ -144,7 +144,7 @@ def real_fp32_alone(real_fp32, real_tokenizer, real_prompts) -> list[Result]:
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny-model modules run torch on one thread: their ops are too small to split, and on a busy 2-core
-    machine every parallel region waits for a descheduled second thread (INT8 steps ran 25x slower)."""
+    machine every parallel region waits for a descheduled second thread (INT8 steps ran many times slower)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

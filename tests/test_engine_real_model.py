@@ -63,7 +63,7 @@ def decode_choices(decoder, prompt: list[int], answer: list[int]) -> list[int]:
 def test_compiled_int8_decode_picks_the_eager_decoders_tokens(real_int8, real_int8_compiled, real_tokenizer,
                                                               real_prompts):
     # Same context for both; different kernels round differently, so they may part only where the model
-    # hesitates (eager INT8 vs fp32 agrees at ~89% of such steps).
+    # hesitates, as INT8 and fp32 do (BENCHMARKS.md, "INT8 quality (vs the fp32 path)").
     answers = greedy_alone(real_int8, real_tokenizer, real_prompts, 24)
     steps = same = 0
     for prompt, answer in zip(real_prompts, answers):
