@@ -179,7 +179,7 @@ def main() -> None:
     text = report(measure(fp32, int8, tokenizer, args.tokens), args.tokens)
     print(text)
     if args.write:
-        from workers.engine.int8_gemm import ACTIVATION_LEVELS
+        from workers.engine.int8.gemm import ACTIVATION_LEVELS
 
         codes = "8-bit" if ACTIVATION_LEVELS == 127 else "7-bit"
         form = ("two passes: the weights' and activations' rounding residuals too"

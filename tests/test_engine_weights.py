@@ -20,8 +20,8 @@ from shared.tokenizer import TextTokenizer
 from tests.engine_helpers import REAL_WEIGHTS, make_tiny_checkpoint
 from workers import prepare_weights
 from workers.cpu.decoder import INT8Decoder
-from workers.engine import int8_gemm
-from workers.engine.int8 import ACTIVATION_LEVELS, Int8Linear, quantize_state_dict, quantize_weight
+from workers.engine.int8 import gemm
+from workers.engine.int8.linear import ACTIVATION_LEVELS, Int8Linear, quantize_state_dict, quantize_weight
 from workers.engine.kv_cache import KVCache
 from workers.engine.llama import LlamaConfig, build_model
 from workers.engine.smoothing import activation_maxima, smooth_state_dict
@@ -241,7 +241,7 @@ def test_int8_linear_is_exact_at_full_scale():
 
 def test_int8_gemm_runs_as_a_cpp_op_here():
     # This machine has a compiler: a silent fall back to the Python kernel would cost ~2.5 ms a decode step.
-    assert int8_gemm.NATIVE
+    assert gemm.NATIVE
 
 
 @pytest.mark.slow
@@ -250,9 +250,9 @@ def test_without_a_compiler_the_python_kernel_gives_the_same_results(tmp_path, w
     torch.save({"weight": weight, "x": x}, tmp_path / "inputs.pt")
     script = textwrap.dedent(f"""
         import torch
-        from workers.engine import int8_gemm
-        from workers.engine.int8 import Int8Linear, quantize_weight
-        assert not int8_gemm.NATIVE, "the C++ op was built although the compiler fails"
+        from workers.engine.int8 import gemm
+        from workers.engine.int8.linear import Int8Linear, quantize_weight
+        assert not gemm.NATIVE, "the C++ op was built although the compiler fails"
         inputs = torch.load({str(tmp_path / "inputs.pt")!r})
         layer = Int8Linear(256, inputs["weight"].shape[0])
         layer.weight_int8, layer.weight_scale = quantize_weight(inputs["weight"])

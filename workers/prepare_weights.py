@@ -81,7 +81,7 @@ def write_int8(out: Path, config: dict) -> None:
     from safetensors.torch import save_file
 
     from shared.tokenizer import TextTokenizer
-    from workers.engine.int8 import quantize_state_dict
+    from workers.engine.int8.linear import quantize_state_dict
     from workers.engine.llama import LlamaConfig
     from workers.engine.smoothing import activation_maxima, calibration_text, smooth_state_dict
     from workers.engine.weights import load_state_dict

@@ -10,7 +10,7 @@ from shared.exceptions import ModelFilesMissing
 from shared.model_files import read_config
 from shared.settings import Settings
 from workers.engine.decoder import Decoder
-from workers.engine.int8 import QUANTIZED_SUFFIXES, Int8Linear, pack_all
+from workers.engine.int8.linear import QUANTIZED_SUFFIXES, Int8Linear, pack_all
 from workers.engine.llama import LlamaConfig, build_model
 from workers.engine.weights import fuse_projections, load_state_dict
 

@@ -2,7 +2,7 @@
 
 `llm_server::int8_gemm(rows, weights_key, out_features, levels)` is one opaque op to torch.compile, which
 cannot trace fbgemm's packed-weight object; the layer passes its key instead, as a tensor so that one
-compiled graph serves every layer. The op is C++ (int8_gemm.cpp, built on first use by torch's extension
+compiled graph serves every layer. The op is C++ (gemm.cpp, built on first use by torch's extension
 builder and cached on disk): a compiled decode step calls it 121 times, and a Python kernel costs ~20 us
 more per call. Where no compiler works, a Python kernel with the same results takes its place.
 
@@ -62,7 +62,7 @@ def _load_native_op() -> bool:
             import ninja
 
             os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
-        cpp_extension.load(name="llm_server_int8_gemm", sources=[str(Path(__file__).with_name("int8_gemm.cpp"))],
+        cpp_extension.load(name="llm_server_int8_gemm", sources=[str(Path(__file__).with_name("gemm.cpp"))],
                            extra_cflags=["-O2"], is_python_module=False)
         return True
     except Exception:  # noqa: BLE001: no compiler, headers or ninja: the Python kernel does the same work

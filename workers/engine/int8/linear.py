@@ -3,7 +3,7 @@
 Weights: symmetric INT8 per output channel, made offline (`quantize_state_dict`).
 Activations: torch's dynamic quantized Linear picks one scale for the whole batch, so a row's result
 changes with its neighbours (and an outlier row degrades every other row). Here each row is divided by
-its own max magnitude first and quantized with a fixed scale (8- or 7-bit codes, by CPU: see int8_gemm),
+its own max magnitude first and quantized with a fixed scale (8- or 7-bit codes, by CPU: see gemm.py),
 then the output row is scaled back: one fbgemm GEMM for the batch, but every row is computed exactly as if
 it ran alone.
 """
@@ -15,7 +15,7 @@ import weakref
 import torch
 from torch import nn
 
-from workers.engine.int8_gemm import ACTIVATION_LEVELS, eager_int8_gemm, pack_weights, register, release
+from workers.engine.int8.gemm import ACTIVATION_LEVELS, eager_int8_gemm, pack_weights, register, release
 
 LINEAR_SUFFIXES = ("_proj.weight", "lm_head.weight")
 
