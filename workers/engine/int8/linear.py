@@ -1,6 +1,6 @@
 """INT8 linear layers on fbgemm, with activations quantized per row.
 
-Weights: symmetric INT8 per output channel, made offline (`quantize_state_dict`).
+Weights: symmetric INT8 per output channel, made offline (`workers.preparation.quantize`).
 Activations: torch's dynamic quantized Linear picks one scale for the whole batch, so a row's result
 changes with its neighbours (and an outlier row degrades every other row). Here each row is divided by
 its own max magnitude first and quantized with a fixed scale (8- or 7-bit codes, by CPU: see gemm.py),
@@ -17,41 +17,8 @@ from torch import nn
 
 from workers.engine.int8.gemm import ACTIVATION_LEVELS, eager_int8_gemm, pack_weights, register, release
 
-LINEAR_SUFFIXES = ("_proj.weight", "lm_head.weight")
-
-
-def is_linear_weight(name: str) -> bool:
-    """Whether a Hugging Face Llama tensor name is a linear layer's weight (quantized offline)."""
-    return name.endswith(LINEAR_SUFFIXES)
-
-
 QUANTIZED_SUFFIXES = ("int8", "scale", "int8_residual", "scale_residual")
-"""What `quantize_state_dict` makes of a linear weight `<name>`: `<name>_<suffix>` for each suffix."""
-
-
-def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel INT8: returns (int8 `[out, in]`, fp32 scale `[out]`)."""
-    weight = weight.float()
-    scale = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-    quantized = torch.clamp(torch.round(weight / scale[:, None]), -127, 127).to(torch.int8)
-    return quantized, scale
-
-
-def quantize_state_dict(state: dict[str, torch.Tensor], tie_word_embeddings: bool) -> dict[str, torch.Tensor]:
-    """Linear weights become INT8 + scales, and their rounding residual INT8 + scales (`QUANTIZED_SUFFIXES`);
-    other tensors stay as they are, in fp32."""
-    if tie_word_embeddings and "lm_head.weight" not in state:
-        state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in state.items():
-        if is_linear_weight(name):
-            quantized, scale = quantize_weight(tensor)
-            residual = tensor.float() - quantized.float() * scale[:, None]
-            out[f"{name}_int8"], out[f"{name}_scale"] = quantized, scale
-            out[f"{name}_int8_residual"], out[f"{name}_scale_residual"] = quantize_weight(residual)
-        else:
-            out[name] = tensor.float().contiguous()
-    return out
+"""What the weights command makes of a linear weight `<name>`: `<name>_<suffix>` for each suffix."""
 
 
 class Int8Linear(nn.Module):
