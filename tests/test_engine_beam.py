@@ -8,8 +8,8 @@ import torch
 from shared.tokenizer import TextTokenizer
 from tests.conftest import WEIGHTS
 from workers.cpu.decoder import INT8Decoder
-from workers.engine.beam import BeamSearch, beam_search
-from workers.engine.scoring import score_candidates
+from workers.features.beam import BeamSearch, beam_search
+from workers.features.scoring import score_candidates
 from workers.gpu.decoder import CUDADecoder
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]

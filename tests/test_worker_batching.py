@@ -136,7 +136,7 @@ def test_a_sequence_beyond_the_token_budget_waits_until_room_frees(tiny_weights)
 def test_a_beam_job_streams_candidates_then_the_best_beam(connection, tiny_weights):
     from shared.jobs import JobKind
     from workers.cpu.decoder import INT8Decoder
-    from workers.engine.beam import beam_search
+    from workers.features.beam import beam_search
 
     tokenizer = load_tokenizer(str(tiny_weights))
     prompt_ids = tokenizer.encode("Once upon a time")

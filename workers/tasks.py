@@ -10,16 +10,16 @@ from __future__ import annotations
 from functools import cache
 
 from shared.jobs import GenerationJob
-from workers.engine.beam import BeamSearch
 from workers.engine.decoder import Decoder
 from workers.engine.detokenizer import IncrementalDetokenizer
-from workers.engine.scoring import score_candidates
+from workers.features.beam import BeamSearch
+from workers.features.scoring import score_candidates
 
 
 @cache
 def shared_reranker():
     """The sentence-embedding reranker, loaded on first use and kept for the process."""
-    from workers.engine.reranker import Reranker
+    from workers.features.reranker import Reranker
 
     return Reranker()
 
