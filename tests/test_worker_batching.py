@@ -94,6 +94,24 @@ def test_a_request_too_long_for_the_worker_fails_cleanly(connection, tiny_weight
     assert read_backlog(connection, job_id)[-1].data["error"]["type"] == "invalid_job"
 
 
+
+@pytest.mark.parametrize("kind", ["beam", "score"])
+def test_beam_and_score_jobs_too_long_for_the_worker_fail_cleanly(connection, tiny_weights, kind):
+    from shared.jobs import JobKind
+
+    tokenizer = load_tokenizer(str(tiny_weights))
+    job_id = uuid.uuid4().hex
+    extra = {"beam_width": 2, "use_rerank": False} if kind == "beam" else {"candidates": ["a short answer"]}
+    job = GenerationJob(job_id, tokenizer.encode("word " * 300), SamplingParams(max_tokens=10),
+                        kind=JobKind(kind), extra=extra)
+    Queue("cpu", connection=connection, serializer=JSONSerializer).enqueue(
+        JOB_FUNCTION, kwargs={"payload": job.to_dict()}, job_id=job_id)
+    run_worker(connection, tiny_weights)  # MAX_SEQ_LEN 256
+    error = read_backlog(connection, job_id)[-1].data["error"]
+    assert error["type"] == "invalid_job" and "context of 256 tokens" in error["message"]
+    assert job_id in FailedJobRegistry("cpu", connection=connection).get_job_ids()
+
+
 def test_gpu_worker_refuses_to_start_without_cuda(connection, tiny_weights):
     settings = Settings.from_env({}, model_dir=str(tiny_weights), worker_device="cuda")
     worker = GPUWorker([Queue("gpu", connection=connection, serializer=JSONSerializer)],

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from shared.limits import check_context
 from workers.engine.decoder import Decoder
 from workers.engine.kv_cache import KVCache
 
@@ -68,9 +69,7 @@ class BeamSearch:
             raise ValueError("beam search needs at least one prompt token")
         if width < 1 or max_new_tokens < 1:
             raise ValueError("width and max_new_tokens must be at least 1")
-        if len(prompt_ids) + max_new_tokens > decoder.max_seq_len:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({max_new_tokens}) "
-                             f"exceeds the context of {decoder.max_seq_len} tokens")
+        check_context(len(prompt_ids), max_new_tokens, decoder.max_seq_len)
         self.decoder, self.prompt_ids, self.width = decoder, list(prompt_ids), width
         self.max_new_tokens, self.length_penalty = max_new_tokens, length_penalty
         self.eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=decoder.device)
