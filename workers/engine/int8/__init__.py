@@ -1,1 +1,1 @@
-"""INT8 on the CPU: the GEMM kernel (`gemm.py`, its C++ op `gemm.cpp`) and the linear layer that runs it (`linear.py`)."""
+"""INT8 on the CPU: the GEMM kernel (`gemm.py` and its C++ op, `gemm.cpp`) and the layer that runs it (`linear.py`)."""

@@ -26,7 +26,7 @@ class Int8Linear(nn.Module):
 
     With `residual`, the rounding residuals go through the same GEMM too: the weights' as extra output
     channels (W ~ W1 + W2, both INT8), the activations' as extra rows (x ~ x1 + x2 / 2L). About 16-bit
-    accuracy from INT8 kernels, for ~1.3x the GEMM time at batch 1 and ~3x at batch 8 and beyond.
+    accuracy from INT8 kernels, for a multiple of the GEMM time (see BENCHMARKS.md, Precision ablation).
     """
 
     def __init__(self, in_features: int, out_features: int):
@@ -35,7 +35,6 @@ class Int8Linear(nn.Module):
         for suffix in ("", "_residual"):
             self.register_buffer(f"weight_int8{suffix}", torch.empty(out_features, in_features, dtype=torch.int8))
             self.register_buffer(f"weight_scale{suffix}", torch.empty(out_features))
-        self.packed = None
         self.residual = False
 
     @classmethod
@@ -50,15 +49,14 @@ class Int8Linear(nn.Module):
         if residual:  # one matrix of 2 x out channels: y[..., :out] + y[..., out:] is x @ (W1 + W2).T
             weight = torch.cat([weight, self.weight_int8_residual])
             scale = torch.cat([scale, self.weight_scale_residual])
-        self.packed = pack_weights(weight, scale)
-        key = register(self.packed)
+        key = register(pack_weights(weight, scale))
         weakref.finalize(self, release, key)
         self.register_buffer("weights_key", torch.tensor(key), persistent=False)
         self.weight_int8 = self.weight_scale = self.weight_int8_residual = self.weight_scale_residual = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in]; each row gets its own scale, so batching cannot change any row's result.
-        # abs().amax(), not vector_norm(inf): the same values, ~7x faster eagerly on prefill-sized rows.
+        # abs().amax(), not vector_norm(inf): the same values, much faster eagerly on prefill-sized rows.
         row_max = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)
         rows = x / row_max
         # Compiled code must go through the registered op; eager code may call its kernel directly.
