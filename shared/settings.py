@@ -86,5 +86,5 @@ class Settings:
 
     @property
     def int8_path(self) -> Path:
-        """The INT8 weights made from `model_path` by the prepare command."""
+        """The INT8 weights made from `model_path` by the weights command (`python -m workers.preparation`)."""
         return self.model_path / "int8"
