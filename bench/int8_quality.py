@@ -3,7 +3,7 @@
     python -m bench.int8_quality [--tokens 32] [--write]
 
 Prints the perplexity of both on a fixed English text (standard-library documentation whose topics the
-SmoothQuant calibration in workers/engine/smoothing.py does not use), how often their next-token choice
+SmoothQuant calibration in workers/preparation/smoothing.py does not use), how often their next-token choice
 agrees over that text's positions, and, for 8 prompts (chat-templated and raw), how many greedy tokens
 agree before the first divergence and how often INT8 picks fp32's greedy token given the same context.
 The engine tests import the helpers, so both measure the same thing.
@@ -179,7 +179,7 @@ def main() -> None:
     text = report(measure(fp32, int8, tokenizer, args.tokens), args.tokens)
     print(text)
     if args.write:
-        from workers.engine.int8_gemm import ACTIVATION_LEVELS
+        from workers.engine.int8.gemm import ACTIVATION_LEVELS
 
         codes = "8-bit" if ACTIVATION_LEVELS == 127 else "7-bit"
         form = ("two passes: the weights' and activations' rounding residuals too"

@@ -71,6 +71,6 @@ class ModelFilesMissing(ConfigurationError):
 
     def __init__(self, path, what: str = "weights"):
         super().__init__(
-            f"{what} not found at {path}: run `python -m workers.prepare_weights` "
+            f"{what} not found at {path}: run `python -m workers.preparation` "
             f"(or set MODEL_DIR to a prepared folder)"
         )

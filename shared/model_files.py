@@ -43,7 +43,7 @@ def eos_token_ids(path: Path | str) -> list[int]:
 
 
 MANIFEST = "prepared.json"
-"""Written by `workers.prepare_weights`: the source the folder was made from."""
+"""Written by the weights command (`python -m workers.preparation`): the source the folder was made from."""
 
 
 def model_name(path: Path | str) -> str:

@@ -39,7 +39,7 @@ class Settings:
     max_tokens_in_flight: int = 32768
     max_seq_len: int = 2048
     compile_decode: bool = True  # CPU workers: torch.compile the decode step (workers/engine/decoder.py)
-    int8_residual: bool = False  # CPU workers: two-pass INT8, ~16-bit accurate, slower (workers/engine/int8.py)
+    int8_residual: bool = False  # CPU workers: two-pass INT8, ~16-bit accurate, slower (workers/engine/int8/linear.py)
     prefill_chunk: int = 256  # bounds the stall a long prompt causes running streams (bench.prefill_stall, DESIGN.md)
     default_max_tokens: int = 32
     max_new_tokens_limit: int = 4096
@@ -85,5 +85,5 @@ class Settings:
 
     @property
     def int8_path(self) -> Path:
-        """The INT8 weights made from `model_path` by the prepare command."""
+        """The INT8 weights made from `model_path` by the weights command (`python -m workers.preparation`)."""
         return self.model_path / "int8"

@@ -2,7 +2,7 @@
 `run_engine`, which drives the engine step by step and keeps every text delta (fixtures: engine_fixtures.py).
 
 The tiny checkpoints are saved by transformers and prepared by the weights command, which is the "any
-local Hugging Face Llama checkpoint" path of `python -m workers.prepare_weights --source DIR`.
+local Hugging Face Llama checkpoint" path of `python -m workers.preparation --source DIR`.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ def make_tiny_checkpoint(folder: Path, seed: int = 0, **overrides) -> Path:
 
 
 def prepare_tiny(tmp_path_factory, name: str, **overrides) -> Path:
-    """A tiny checkpoint run through `workers.prepare_weights.prepare` (fp32 folder with int8/ inside)."""
-    from workers.prepare_weights import prepare
+    """A tiny checkpoint run through the weights command's `prepare` (fp32 folder with int8/ inside)."""
+    from workers.preparation.command import prepare
 
     source = make_tiny_checkpoint(tmp_path_factory.mktemp(f"{name}-checkpoint"), **overrides)
     out = tmp_path_factory.mktemp(f"{name}-prepared") / "weights"

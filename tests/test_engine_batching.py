@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from shared.exceptions import ContextLengthError
 from shared.sampling import SamplingParams
 from tests.engine_helpers import (
     greedy,
@@ -138,10 +139,10 @@ def test_check_fits_refuses_requests_longer_than_the_context(tiny_fp32, tiny_tok
     engine = Engine(tiny_fp32, tiny_tokenizer.backend, [])
     context = tiny_fp32.max_seq_len
     engine.check_fits(context - 10, 10)
-    with pytest.raises(ValueError, match=f"context of {context} tokens"):
+    with pytest.raises(ContextLengthError, match=f"context of {context} tokens"):
         engine.check_fits(context - 10, 11)
     too_long = Sequence("x", [42] * context, SamplingParams(max_tokens=1), tiny_tokenizer.backend)
-    with pytest.raises(ValueError, match="exceeds"):
+    with pytest.raises(ContextLengthError, match=f"{context} tokens and max_tokens is 1"):
         engine.add(too_long)
     assert not engine.has_work
     small = Engine(tiny_fp32, tiny_tokenizer.backend, [], max_tokens_in_flight=100)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from shared.exceptions import ContextLengthError
 from shared.tokenizer import TextTokenizer
 from tests.conftest import WEIGHTS
 from workers.cpu.decoder import INT8Decoder
-from workers.engine.beam import BeamSearch, beam_search
-from workers.engine.scoring import score_candidates
+from workers.features.beam import BeamSearch, beam_search
+from workers.features.scoring import score_candidates
 from workers.gpu.decoder import CUDADecoder
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -134,8 +135,10 @@ def test_bad_arguments(tiny):
         BeamSearch(decoder, [], 2, 4)
     with pytest.raises(ValueError):
         BeamSearch(decoder, [1], 0, 4)
-    with pytest.raises(ValueError, match="exceeds the context"):
+    with pytest.raises(ContextLengthError, match="exceed the context"):
         BeamSearch(decoder, [1] * 250, 2, 10)
+    with pytest.raises(ContextLengthError, match="exceed the context"):
+        score_candidates(decoder, [1] * 250, [[1] * 10])
     with pytest.raises(ValueError):
         score_candidates(decoder, [1], [[]])
 

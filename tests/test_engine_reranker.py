@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shared.exceptions import ConfigurationError
-from workers.engine.reranker import DEFAULT_WEIGHT, Reranker, default_model_dir
+from workers.features.reranker import DEFAULT_WEIGHT, Reranker, default_model_dir
 
 CONTEXT = "How many legs does a spider have?"
 RELEVANT = "A spider has eight legs."

@@ -18,15 +18,16 @@ from shared.exceptions import ModelFilesMissing
 from shared.model_files import require_model_dir
 from shared.tokenizer import TextTokenizer
 from tests.engine_helpers import REAL_WEIGHTS, make_tiny_checkpoint
-from workers import prepare_weights
 from workers.cpu.decoder import INT8Decoder
-from workers.engine import int8_gemm
-from workers.engine.int8 import ACTIVATION_LEVELS, Int8Linear, quantize_state_dict, quantize_weight
+from workers.engine.int8 import gemm
+from workers.engine.int8.linear import ACTIVATION_LEVELS, Int8Linear
 from workers.engine.kv_cache import KVCache
 from workers.engine.llama import LlamaConfig, build_model
-from workers.engine.smoothing import activation_maxima, smooth_state_dict
 from workers.engine.weights import fuse_projections, load_state_dict
 from workers.gpu.decoder import CUDADecoder
+from workers.preparation import command
+from workers.preparation.quantize import quantize_state_dict, quantize_weight
+from workers.preparation.smoothing import activation_maxima, smooth_state_dict
 
 pytest_plugins = ["tests.engine_fixtures"]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,7 +47,7 @@ def forbid_work(monkeypatch) -> None:
         raise AssertionError("the weights command did work although the folder was prepared")
 
     for name in ("export_gguf", "copy_checkpoint", "write_int8"):
-        monkeypatch.setattr(prepare_weights, name, fail)
+        monkeypatch.setattr(command, name, fail)
 
 
 def snapshot(folder: Path) -> dict[str, int]:
@@ -75,8 +76,8 @@ def test_second_run_says_already_prepared_and_does_no_work(tiny_dir, monkeypatch
     source = json.loads((tiny_dir / "prepared.json").read_text())["source"]
     before = snapshot(tiny_dir)
     forbid_work(monkeypatch)
-    assert prepare_weights.prepare(Path(source), tiny_dir) is False
-    prepare_weights.main(["--source", source, "--out", str(tiny_dir)])
+    assert command.prepare(Path(source), tiny_dir) is False
+    command.main(["--source", source, "--out", str(tiny_dir)])
     assert capsys.readouterr().out.count("already prepared") == 2
     assert snapshot(tiny_dir) == before
 
@@ -85,7 +86,7 @@ def test_second_run_says_already_prepared_and_does_no_work(tiny_dir, monkeypatch
 def test_the_default_command_on_the_prepared_smollm2_does_no_work(monkeypatch, capsys):
     before = snapshot(REAL_WEIGHTS)
     forbid_work(monkeypatch)
-    prepare_weights.main(["--out", str(REAL_WEIGHTS)])
+    command.main(["--out", str(REAL_WEIGHTS)])
     assert "already prepared" in capsys.readouterr().out
     assert snapshot(REAL_WEIGHTS) == before
 
@@ -96,7 +97,7 @@ def test_int8_weights_from_an_older_weights_command_are_refused_by_name(tiny_dir
     (old / "config.json").write_text((tiny_dir / "int8" / "config.json").read_text())
     state = load_state_dict(tiny_dir / "int8")
     save_file({k: v for k, v in state.items() if "_residual" not in k}, str(old / "model.safetensors"))
-    with pytest.raises(ModelFilesMissing, match="current format.*prepare_weights"):
+    with pytest.raises(ModelFilesMissing, match="current format.*workers.preparation"):
         INT8Decoder().load_quantized_weights(old)
 
 
@@ -107,9 +108,9 @@ def test_a_failed_run_leaves_no_half_made_folder(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prepare_weights, "write_int8", interrupted)
+    monkeypatch.setattr(command, "write_int8", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        prepare_weights.prepare(source, out)
+        command.prepare(source, out)
     assert list(out.parent.iterdir()) == []
 
 
@@ -119,7 +120,7 @@ def test_an_existing_folder_it_did_not_make_is_never_replaced(tmp_path):
     mistaken.mkdir()
     (mistaken / "notes.txt").write_text("precious")
     with pytest.raises(SystemExit, match="not made by this command"):
-        prepare_weights.prepare(source, mistaken)
+        command.prepare(source, mistaken)
     assert (mistaken / "notes.txt").read_text() == "precious"
 
 
@@ -128,14 +129,14 @@ def test_a_folder_that_is_not_a_checkpoint_is_refused_by_name(tmp_path):
     source.mkdir()
     (source / "README.md").write_text("nothing here")
     with pytest.raises(SystemExit, match="not-a-model.*config.json"):
-        prepare_weights.prepare(source, tmp_path / "weights")
+        command.prepare(source, tmp_path / "weights")
     assert not (tmp_path / "weights").exists()
 
 
 def test_a_checkpoint_with_bias_terms_is_refused_up_front(tmp_path):
     source = make_tiny_checkpoint(tmp_path / "biased", attention_bias=True)
     with pytest.raises(SystemExit, match="bias terms"):
-        prepare_weights.prepare(source, tmp_path / "weights")
+        command.prepare(source, tmp_path / "weights")
     assert not (tmp_path / "weights").exists()
 
 
@@ -145,7 +146,7 @@ def test_a_missing_weights_folder_names_the_folder_and_the_command(loader, tmp_p
     with pytest.raises(ModelFilesMissing) as error:
         LOADERS[loader](missing)
     assert str(missing.resolve()) in str(error.value)
-    assert "python -m workers.prepare_weights" in str(error.value)
+    assert "python -m workers.preparation" in str(error.value)
 
 
 def test_a_missing_int8_folder_is_named(tiny_dir, tmp_path):
@@ -242,7 +243,7 @@ def test_int8_linear_is_exact_at_full_scale():
 def test_int8_gemm_runs_as_a_cpp_op_here():
     # This machine has a compiler: a silent fall back to the Python kernel would slow every decode step
     # (BENCHMARKS.md, "Targets, as measured above").
-    assert int8_gemm.NATIVE
+    assert gemm.NATIVE
 
 
 @pytest.mark.slow
@@ -251,9 +252,10 @@ def test_without_a_compiler_the_python_kernel_gives_the_same_results(tmp_path, w
     torch.save({"weight": weight, "x": x}, tmp_path / "inputs.pt")
     script = textwrap.dedent(f"""
         import torch
-        from workers.engine import int8_gemm
-        from workers.engine.int8 import Int8Linear, quantize_weight
-        assert not int8_gemm.NATIVE, "the C++ op was built although the compiler fails"
+        from workers.engine.int8 import gemm
+        from workers.engine.int8.linear import Int8Linear
+        from workers.preparation.quantize import quantize_weight
+        assert not gemm.NATIVE, "the C++ op was built although the compiler fails"
         inputs = torch.load({str(tmp_path / "inputs.pt")!r})
         layer = Int8Linear(256, inputs["weight"].shape[0])
         layer.weight_int8, layer.weight_scale = quantize_weight(inputs["weight"])

@@ -12,7 +12,7 @@ from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegis
 from rq.serializers import JSONSerializer
 
 from shared.events import cancel_key, read_backlog
-from shared.protocol import JOB_FUNCTION, BeamOptions, GenerationJob, JobKind
+from shared.protocol import JOB_FUNCTION, BeamOptions, GenerationJob, JobKind, ScoreOptions
 from shared.sampling import SamplingParams
 from shared.settings import Settings
 from shared.tokenizer import load_tokenizer
@@ -95,6 +95,22 @@ def test_a_request_too_long_for_the_worker_fails_cleanly(connection, tiny_weight
     assert read_backlog(connection, job_id)[-1].data["error"]["type"] == "invalid_job"
 
 
+@pytest.mark.parametrize("kind", ["beam", "score"])
+def test_beam_and_score_jobs_too_long_for_the_worker_fail_cleanly(connection, tiny_weights, kind):
+    tokenizer = load_tokenizer(str(tiny_weights))
+    job_id = uuid.uuid4().hex
+    options = ({"beam": BeamOptions(beam_width=2, use_rerank=False)} if kind == "beam"
+               else {"score": ScoreOptions(candidates=["a short answer"])})
+    job = GenerationJob(job_id=job_id, prompt_ids=tokenizer.encode("word " * 300),
+                        sampling=SamplingParams(max_tokens=10), kind=JobKind(kind), **options)
+    Queue("cpu", connection=connection, serializer=JSONSerializer).enqueue(
+        JOB_FUNCTION, kwargs={"payload": job.model_dump(mode="json")}, job_id=job_id)
+    run_worker(connection, tiny_weights)  # MAX_SEQ_LEN 256
+    error = read_backlog(connection, job_id)[-1].data["error"]
+    assert error["type"] == "invalid_job" and "context of 256 tokens" in error["message"]
+    assert job_id in FailedJobRegistry("cpu", connection=connection).get_job_ids()
+
+
 def test_gpu_worker_refuses_to_start_without_cuda(connection, tiny_weights):
     settings = Settings.from_env({}, model_dir=str(tiny_weights), worker_device="cuda")
     worker = GPUWorker([Queue("gpu", connection=connection, serializer=JSONSerializer)],
@@ -136,7 +152,7 @@ def test_a_sequence_beyond_the_token_budget_waits_until_room_frees(tiny_weights)
 
 def test_a_beam_job_streams_candidates_then_the_best_beam(connection, tiny_weights):
     from workers.cpu.decoder import INT8Decoder
-    from workers.engine.beam import beam_search
+    from workers.features.beam import beam_search
 
     tokenizer = load_tokenizer(str(tiny_weights))
     prompt_ids = tokenizer.encode("Once upon a time")

@@ -1,7 +1,7 @@
 """A tiny random-weight Llama checkpoint with the real tokenizer, prepared by the weights command.
 
 Fast stand-in for SmolLM2 in unit tests; it also exercises the "any local Hugging Face Llama
-checkpoint" path of `python -m workers.prepare_weights --source DIR`.
+checkpoint" path of `python -m workers.preparation --source DIR`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def make_tiny_checkpoint(folder: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> Path:
     """A prepared tiny model folder (fp32 + int8), built once per test session."""
-    from workers.prepare_weights import prepare
+    from workers.preparation.command import prepare
 
     source = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"))
     out = tmp_path_factory.mktemp("tiny-prepared") / "weights"

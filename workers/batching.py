@@ -22,8 +22,8 @@ from rq.timeouts import JobTimeoutException
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
+from shared.exceptions import ConfigurationError, ValidationError
 from shared.events import EventPublisher, cancel_key, publish_many
-from shared.exceptions import ConfigurationError
 from shared.model_files import force_offline
 from shared.protocol import DoneEvent, ErrorBody, GenerationJob, JobKind, TokenEvent, Usage
 from shared.settings import Settings
@@ -140,7 +140,7 @@ class BatchingWorker(SimpleWorker):
             else:
                 entry.sequence = Sequence(job.id, payload.prompt_ids, payload.sampling, self.engine.tokenizer)
                 self.engine.add(entry.sequence)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, ValidationError) as exc:
             self.fail(entry, "invalid_job", str(exc), sys.exc_info())
             return
         self.running[job.id] = entry
@@ -193,7 +193,7 @@ class BatchingWorker(SimpleWorker):
         for entry in self.side_tasks():
             try:
                 events, finished = entry.task.step()
-            except ValueError as exc:
+            except (ValueError, ValidationError) as exc:
                 self.fail(entry, "invalid_job", str(exc), sys.exc_info())
                 continue
             publish_many(self.connection, [(entry.publisher, event) for event in events if not event.terminal])

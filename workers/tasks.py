@@ -20,16 +20,16 @@ from shared.protocol import (
     TokenEvent,
     Usage,
 )
-from workers.engine.beam import BeamSearch
 from workers.engine.decoder import Decoder
 from workers.engine.detokenizer import IncrementalDetokenizer
-from workers.engine.scoring import score_candidates
+from workers.features.beam import BeamSearch
+from workers.features.scoring import score_candidates
 
 
 @cache
 def shared_reranker():
     """The sentence-embedding reranker, loaded on first use and kept for the process."""
-    from workers.engine.reranker import Reranker
+    from workers.features.reranker import Reranker
 
     return Reranker()
 

@@ -10,7 +10,7 @@ from shared.exceptions import ModelFilesMissing
 from shared.model_files import read_config
 from shared.settings import Settings
 from workers.engine.decoder import Decoder
-from workers.engine.int8 import QUANTIZED_SUFFIXES, Int8Linear, pack_all
+from workers.engine.int8.linear import QUANTIZED_SUFFIXES, Int8Linear, pack_all
 from workers.engine.llama import LlamaConfig, build_model
 from workers.engine.weights import fuse_projections, load_state_dict
 
@@ -31,7 +31,7 @@ class INT8Decoder(Decoder):
         return f"{super().variant}_residual" if self.residual else super().variant
 
     def load_quantized_weights(self, folder: Path | str) -> INT8Decoder:
-        """Load the INT8 weights and scales made by `python -m workers.prepare_weights`."""
+        """Load the INT8 weights and scales made by `python -m workers.preparation`."""
         config = LlamaConfig.from_dict(read_config(folder))
         state = load_state_dict(folder)
         if not any(name.endswith("_int8_residual") for name in state):  # made before residuals were written

@@ -1,1 +1,1 @@
-"""The inference engine both worker pools share: model, KV cache, sampling, detokenisation, batching."""
+"""The serving engine both worker pools share: model, attention, KV cache, sampling, detokenisation, batching."""

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 
 from tokenizers import Tokenizer
 
+from shared.limits import check_context
 from workers.engine.decoder import Decoder
 from workers.engine.sampler import sample
 from workers.engine.sequence import FinishReason, Sequence, Update
@@ -35,10 +36,8 @@ class Engine:
     # -- admission -----------------------------------------------------------------------------------
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
-        """Raise ValueError for a request that could never run on this decoder."""
-        if prompt_tokens + max_tokens > self.decoder.max_seq_len:
-            raise ValueError(f"prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the "
-                             f"context of {self.decoder.max_seq_len} tokens")
+        """Refuse a request that can never run here (ContextLengthError: context; ValueError: KV budget)."""
+        check_context(prompt_tokens, max_tokens, self.decoder.max_seq_len)
         if prompt_tokens + max_tokens > self.max_tokens_in_flight:
             raise ValueError(f"request needs {prompt_tokens + max_tokens} KV positions, more than the "
                              f"{self.max_tokens_in_flight} this worker holds")

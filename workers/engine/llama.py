@@ -2,7 +2,8 @@
 
 Follows transformers' `LlamaForCausalLM` numerics (fp32 RMSNorm and rotary, SDPA attention) so greedy
 output matches it token for token, but owns its KV cache so that sequences of different lengths share
-one forward pass. q/k/v and gate/up projections are fused (see weights.fuse_projections).
+one forward pass. q/k/v and gate/up projections are fused (see weights.fuse_projections); attention itself
+is in attention.py.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.engine.attention import Block, attention_blocks, chunk_attention, decode_attention
 from workers.engine.kv_cache import KVCache
 
 
@@ -83,64 +85,17 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class StepInputs:
-    """What every layer of one forward pass shares: rotary tables, mask and cache coordinates."""
+    """What every layer of one forward pass shares: rotary tables, cache coordinates, attention blocks."""
 
     cos: torch.Tensor  # [B, T, 1, head_dim]
     sin_signed: torch.Tensor  # [B, T, 1, head_dim]: (-sin, +sin) halves, see apply_rotary
-    mask: torch.Tensor | None  # [B, 1, T, length] additive, or None when every key is visible
     rows: torch.Tensor  # [B, 1] batch row of each cache write
     positions: torch.Tensor  # [B, T] position of each token
     slots: slice
     length: int
-    spans: list[tuple[int, int]] | None = None  # set: attend row by row; (start, real tokens) per row
-    row_masks: list[torch.Tensor | None] | None = None  # causal mask of each row's own span
-
-
-def causal_mask(start: int, steps: int, device) -> torch.Tensor | None:
-    """Additive mask `[steps, start + steps]` letting query t see keys up to start + t (None for one query)."""
-    if steps == 1:
-        return None
-    visible = torch.arange(start + steps, device=device)[None, :] <= start + torch.arange(steps, device=device)[:, None]
-    return torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf"))
-
-
-def attend_rows(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: StepInputs) -> torch.Tensor:
-    """Attention computed row by row over exactly each row's own keys and queries.
-
-    Padding a row's keys to the batch's longest changes the kernel's summation order; INT8 activations
-    amplify such differences into other tokens, so the INT8 decoder never lets a row see padding.
-    """
-    # q: [B, heads, T, head_dim]; keys/values: [B, kv_heads, length, head_dim]
-    rows = []
-    for b, ((start, steps), mask) in enumerate(zip(step.spans, step.row_masks)):
-        end = start + steps
-        rows.append(F.scaled_dot_product_attention(q[b: b + 1, :, :steps], keys[b: b + 1, :, :end],
-                                                   values[b: b + 1, :, :end], attn_mask=mask, enable_gqa=True))
-    if all(row.shape[2] == q.shape[2] for row in rows):
-        return torch.cat(rows)
-    out = q.new_zeros(q.shape)  # padded prefill: rows shorter than T leave zeros (their outputs are unused)
-    for b, row in enumerate(rows):
-        out[b: b + 1, :, : row.shape[2]] = row
-    return out
-
-
-def masked_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """One query per row over the keys `visible[b]` marks, written as plain reductions for the compiler.
-
-    Inductor turns this into loops that reduce every row the same way, whatever the batch size and the
-    padded length (masked keys add exact zeros): tested bit-identical to the row decoded alone, so the
-    compiled decode step keeps the INT8 decoder's batch invariance without a Python loop over rows.
-    """
-    # q: [B, heads, 1, head_dim]; keys/values: [B, kv_heads, length, head_dim]; visible: [B, length]
-    batch, heads, _, head_dim = q.shape
-    kv_heads = keys.shape[1]
-    q = q.reshape(batch, kv_heads, heads // kv_heads, 1, head_dim)
-    scores = (q * keys[:, :, None]).sum(-1) * head_dim**-0.5  # [B, kv_heads, group, length]
-    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-    out = (scores.softmax(-1)[..., None] * values[:, :, None]).sum(-2)  # [B, kv_heads, group, head_dim]
-    return out.reshape(batch, heads, 1, head_dim)
+    blocks: list[Block]  # rows that attend together (see attention.attention_blocks)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -178,11 +133,7 @@ class Attention(nn.Module):
         keys, values = cache.read(self.layer_index, step.slots, step.length)  # [B, kv_heads, length, head_dim]
         keys, values = keys.to(q.dtype), values.to(q.dtype)  # a half-precision cache (INT8 decoder)
         q = q.transpose(1, 2)  # [B, heads, T, head_dim]
-        if step.spans is None:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=True)
-        else:
-            out = attend_rows(q, keys, values, step)
-        return self.output(out)
+        return self.output(chunk_attention(q, keys, values, step.blocks))
 
 
 class MLP(nn.Module):
@@ -223,7 +174,7 @@ def decode_layer(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin_si
     rows = torch.arange(batch, device=x.device)[:, None]
     keys[rows, :, positions] = k.to(keys.dtype)
     values[rows, :, positions] = v.to(values.dtype)
-    out = masked_attention(q.transpose(1, 2), keys[:batch, :, :length], values[:batch, :, :length], visible)
+    out = decode_attention(q.transpose(1, 2), keys[:batch, :, :length], values[:batch, :, :length], visible)
     x = x + attention.output(out)
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
@@ -250,17 +201,10 @@ class LlamaModel(nn.Module):
         Rows shorter than `steps` are padding at the end; their extra positions are written to the cache
         but never read: a row's later tokens overwrite them and attention stops at each row's length.
         """
-        length = max(starts) + steps
         positions = torch.tensor(starts, device=device)[:, None] + torch.arange(steps, device=device)
-        step = StepInputs(*self.rotary_tables(positions), None, torch.arange(len(starts), device=device)[:, None],
-                          positions, slots, length)
-        if self.exact_rows:
-            step.spans = list(zip(starts, lengths))
-            step.row_masks = [causal_mask(start, n, device) for start, n in step.spans]
-        elif steps > 1 or min(starts) != max(starts):  # some query must not see some key
-            visible = torch.arange(length, device=device)[None, None, :] <= positions[:, :, None]
-            step.mask = torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf"))[:, None]
-        return step
+        return StepInputs(*self.rotary_tables(positions), torch.arange(len(starts), device=device)[:, None],
+                          positions, slots, max(starts) + steps,
+                          attention_blocks(starts, lengths, steps, self.exact_rows, device))
 
     def rotary_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin `[B, T, 1, head_dim]` for token positions `[B, T]` (see apply_rotary)."""
@@ -272,7 +216,7 @@ class LlamaModel(nn.Module):
     def decode_step(self, tokens: list[int], positions: list[int], cache: KVCache, run_layer=decode_layer) -> torch.Tensor:
         """Logits `[B, vocab]` for one new token per slot 0..B-1: `tokens[b]` at `positions[b]`.
 
-        Rows attend through masked_attention, so no Python loop over rows; `run_layer` may be a compiled
+        Rows attend through decode_attention, so no Python loop over rows; `run_layer` may be a compiled
         `decode_layer`.
         """
         device = self.embed_tokens.weight.device

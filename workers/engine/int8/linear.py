@@ -1,9 +1,9 @@
 """INT8 linear layers on fbgemm, with activations quantized per row.
 
-Weights: symmetric INT8 per output channel, made offline (`quantize_state_dict`).
+Weights: symmetric INT8 per output channel, made offline (`workers.preparation.quantize`).
 Activations: torch's dynamic quantized Linear picks one scale for the whole batch, so a row's result
 changes with its neighbours (and an outlier row degrades every other row). Here each row is divided by
-its own max magnitude first and quantized with a fixed scale (8- or 7-bit codes, by CPU: see int8_gemm),
+its own max magnitude first and quantized with a fixed scale (8- or 7-bit codes, by CPU: see gemm.py),
 then the output row is scaled back: one fbgemm GEMM for the batch, but every row is computed exactly as if
 it ran alone.
 """
@@ -15,43 +15,10 @@ import weakref
 import torch
 from torch import nn
 
-from workers.engine.int8_gemm import ACTIVATION_LEVELS, eager_int8_gemm, pack_weights, register, release
-
-LINEAR_SUFFIXES = ("_proj.weight", "lm_head.weight")
-
-
-def is_linear_weight(name: str) -> bool:
-    """Whether a Hugging Face Llama tensor name is a linear layer's weight (quantized offline)."""
-    return name.endswith(LINEAR_SUFFIXES)
-
+from workers.engine.int8.gemm import ACTIVATION_LEVELS, eager_int8_gemm, pack_weights, register, release
 
 QUANTIZED_SUFFIXES = ("int8", "scale", "int8_residual", "scale_residual")
-"""What `quantize_state_dict` makes of a linear weight `<name>`: `<name>_<suffix>` for each suffix."""
-
-
-def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel INT8: returns (int8 `[out, in]`, fp32 scale `[out]`)."""
-    weight = weight.float()
-    scale = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-    quantized = torch.clamp(torch.round(weight / scale[:, None]), -127, 127).to(torch.int8)
-    return quantized, scale
-
-
-def quantize_state_dict(state: dict[str, torch.Tensor], tie_word_embeddings: bool) -> dict[str, torch.Tensor]:
-    """Linear weights become INT8 + scales, and their rounding residual INT8 + scales (`QUANTIZED_SUFFIXES`);
-    other tensors stay as they are, in fp32."""
-    if tie_word_embeddings and "lm_head.weight" not in state:
-        state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in state.items():
-        if is_linear_weight(name):
-            quantized, scale = quantize_weight(tensor)
-            residual = tensor.float() - quantized.float() * scale[:, None]
-            out[f"{name}_int8"], out[f"{name}_scale"] = quantized, scale
-            out[f"{name}_int8_residual"], out[f"{name}_scale_residual"] = quantize_weight(residual)
-        else:
-            out[name] = tensor.float().contiguous()
-    return out
+"""What the weights command makes of a linear weight `<name>`: `<name>_<suffix>` for each suffix."""
 
 
 class Int8Linear(nn.Module):
@@ -59,7 +26,7 @@ class Int8Linear(nn.Module):
 
     With `residual`, the rounding residuals go through the same GEMM too: the weights' as extra output
     channels (W ~ W1 + W2, both INT8), the activations' as extra rows (x ~ x1 + x2 / 2L). About 16-bit
-    accuracy from INT8 kernels, for ~1.3x the GEMM time at batch 1 and ~3x at batch 8 and beyond.
+    accuracy from INT8 kernels, for a multiple of the GEMM time (see BENCHMARKS.md, Precision ablation).
     """
 
     def __init__(self, in_features: int, out_features: int):
@@ -68,7 +35,6 @@ class Int8Linear(nn.Module):
         for suffix in ("", "_residual"):
             self.register_buffer(f"weight_int8{suffix}", torch.empty(out_features, in_features, dtype=torch.int8))
             self.register_buffer(f"weight_scale{suffix}", torch.empty(out_features))
-        self.packed = None
         self.residual = False
 
     @classmethod
@@ -83,15 +49,14 @@ class Int8Linear(nn.Module):
         if residual:  # one matrix of 2 x out channels: y[..., :out] + y[..., out:] is x @ (W1 + W2).T
             weight = torch.cat([weight, self.weight_int8_residual])
             scale = torch.cat([scale, self.weight_scale_residual])
-        self.packed = pack_weights(weight, scale)
-        key = register(self.packed)
+        key = register(pack_weights(weight, scale))
         weakref.finalize(self, release, key)
         self.register_buffer("weights_key", torch.tensor(key), persistent=False)
         self.weight_int8 = self.weight_scale = self.weight_int8_residual = self.weight_scale_residual = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in]; each row gets its own scale, so batching cannot change any row's result.
-        # abs().amax(), not vector_norm(inf): the same values, ~7x faster eagerly on prefill-sized rows.
+        # abs().amax(), not vector_norm(inf): the same values, much faster eagerly on prefill-sized rows.
         row_max = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)
         rows = x / row_max
         # Compiled code must go through the registered op; eager code may call its kernel directly.

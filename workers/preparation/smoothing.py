@@ -1,11 +1,11 @@
 """SmoothQuant (Xiao et al., 2023): move activation outliers into the weights before INT8 quantization.
 
-Llama's linear inputs have a few channels 30-90x larger than the rest, so a per-row INT8 scale leaves the
+Llama's linear inputs have a few channels far larger than the rest, so a per-row INT8 scale leaves the
 ordinary channels with a couple of levels. Scaling input channel j down by s_j and the weight column up
 by s_j leaves the product unchanged; s_j = max|X_j|^a / max|W_j|^(1-a) balances the two. The division is
 folded into the op that produces the input: the RMSNorm weight (qkv, gate/up, LM head), the up
 projection's rows (down), the value projection's rows (output projection; per KV head under GQA).
-Runs offline in the prepare command, on the fp32 weights with Hugging Face names.
+Runs offline in the weights command, on the fp32 weights with Hugging Face names.
 """
 
 from __future__ import annotations

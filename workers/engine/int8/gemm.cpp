@@ -1,9 +1,10 @@
 // llm_server::int8_gemm in C++: fbgemm's INT8 GEMM on weights looked up by key.
 //
-// Compiled decode steps call this op 121 times a step. Implemented in Python, each call pays ~20 us for
-// the dispatcher to box its arguments and enter the interpreter; here it is a plain C++ kernel. The key is
-// a tensor so that one compiled graph serves every layer (an int would be baked into the graph).
-// int8_gemm.py builds this file on first use and falls back to a Python implementation of the same op.
+// Compiled decode steps call this op once per linear layer. Implemented in Python, each call pays for the
+// dispatcher to box its arguments and enter the interpreter (BENCHMARKS.md, Targets, says what that cost);
+// here it is a plain C++ kernel. The key is a tensor so that one compiled graph serves every layer (an int
+// would be baked into the graph).
+// workers/engine/int8/gemm.py builds this file on first use and falls back to a Python kernel of the same op.
 #include <ATen/native/quantized/PackedParams.h>
 #include <torch/library.h>
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from shared.limits import check_context
 from workers.engine.decoder import Decoder
 from workers.engine.kv_cache import KVCache
 
@@ -35,11 +36,10 @@ NEG_INF = -1.0e9
 
 @dataclass(frozen=True, slots=True)
 class BeamCandidate:
-    """A finished hypothesis: generated token ids (EOS included when it ended on one) and its scores."""
+    """A finished hypothesis: generated token ids (EOS included when it ended on one) and its score."""
 
     token_ids: list[int]
-    score: float  # logprob / len(token_ids) ** length_penalty: transformers' `sequences_scores`
-    logprob: float  # sum of the tokens' log-probabilities
+    score: float  # sum of the tokens' logprobs / len(token_ids) ** length_penalty: transformers' `sequences_scores`
     ended_with_eos: bool
 
 
@@ -68,9 +68,7 @@ class BeamSearch:
             raise ValueError("beam search needs at least one prompt token")
         if width < 1 or max_new_tokens < 1:
             raise ValueError("width and max_new_tokens must be at least 1")
-        if len(prompt_ids) + max_new_tokens > decoder.max_seq_len:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({max_new_tokens}) "
-                             f"exceeds the context of {decoder.max_seq_len} tokens")
+        check_context(len(prompt_ids), max_new_tokens, decoder.max_seq_len)
         self.decoder, self.prompt_ids, self.width = decoder, list(prompt_ids), width
         self.max_new_tokens, self.length_penalty = max_new_tokens, length_penalty
         self.eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=decoder.device)
@@ -82,7 +80,6 @@ class BeamSearch:
         self.running_scores[0] = 0.0  # only beam 0 may expand at first: all beams are the same prompt
         self.running_tokens: list[list[int]] = [[] for _ in range(width)]
         self.finished_scores = torch.full((width,), NEG_INF, device=device)  # [W] normalised, best first
-        self.finished_logprobs = torch.zeros(width, device=device)  # [W]
         self.finished_tokens: list[list[int]] = [[] for _ in range(width)]
         self.finished_mask = torch.zeros(width, dtype=torch.bool, device=device)  # [W]
         self.can_improve = True
@@ -149,10 +146,9 @@ class BeamSearch:
         scores = scores + (~just_finished) * NEG_INF
         merged = torch.cat((self.finished_scores, scores))  # [W + K]
         best = torch.topk(merged, k=self.width)[1]  # [W], best first
-        merged_logprobs = torch.cat((self.finished_logprobs, top_scores))
         merged_mask = torch.cat((self.finished_mask, just_finished))
         merged_tokens = self.finished_tokens + candidates
-        self.finished_scores, self.finished_logprobs = merged[best], merged_logprobs[best]
+        self.finished_scores = merged[best]
         self.finished_mask = merged_mask[best]
         self.finished_tokens = [merged_tokens[i] for i in best.tolist()]
 
@@ -171,10 +167,9 @@ class BeamSearch:
     def results(self) -> list[BeamCandidate]:
         """The finished hypotheses, best first (all W once `step()` has returned True)."""
         eos = set(self.eos.tolist())
-        return [BeamCandidate(tokens, score, logprob, tokens[-1] in eos)
-                for tokens, score, logprob, finished in zip(
-                    self.finished_tokens, self.finished_scores.tolist(), self.finished_logprobs.tolist(),
-                    self.finished_mask.tolist())
+        return [BeamCandidate(tokens, score, tokens[-1] in eos)
+                for tokens, score, finished in zip(self.finished_tokens, self.finished_scores.tolist(),
+                                                   self.finished_mask.tolist())
                 if finished]
 
     def run(self) -> list[BeamCandidate]:

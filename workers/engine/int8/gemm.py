@@ -2,9 +2,10 @@
 
 `llm_server::int8_gemm(rows, weights_key, out_features, levels)` is one opaque op to torch.compile, which
 cannot trace fbgemm's packed-weight object; the layer passes its key instead, as a tensor so that one
-compiled graph serves every layer. The op is C++ (int8_gemm.cpp, built on first use by torch's extension
-builder and cached on disk): a compiled decode step calls it 121 times, and a Python kernel costs ~20 us
-more per call. Where no compiler works, a Python kernel with the same results takes its place.
+compiled graph serves every layer. The op is C++ (gemm.cpp, built on first use by torch's extension
+builder and cached on disk): a compiled decode step calls it once per linear layer, and a Python kernel
+costs more per call (see BENCHMARKS.md, Targets). Where no compiler works, a Python kernel with the same
+results takes its place.
 
 Activation codes: rows arrive scaled into [-1, 1] and are quantized with `levels` codes per sign around
 zero point `levels + 1`. 8-bit codes (127) where the CPU multiplies u8 x s8 into 32 bits (AVX512-VNNI);
@@ -62,11 +63,11 @@ def _load_native_op() -> bool:
             import ninja
 
             os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
-        cpp_extension.load(name="llm_server_int8_gemm", sources=[str(Path(__file__).with_name("int8_gemm.cpp"))],
+        cpp_extension.load(name="llm_server_int8_gemm", sources=[str(Path(__file__).with_name("gemm.cpp"))],
                            extra_cflags=["-O2"], is_python_module=False)
         return True
     except Exception:  # noqa: BLE001: no compiler, headers or ninja: the Python kernel does the same work
-        log.warning("could not build the C++ INT8 GEMM op; using its Python kernel (~20 us more per call)",
+        log.warning("could not build the C++ INT8 GEMM op; using its Python kernel (slower per call)",
                     exc_info=True)
         return False
 
@@ -84,7 +85,7 @@ NATIVE = _load_native_op()
 if NATIVE:
     eager_int8_gemm = torch.ops.llm_server.int8_gemm.default
 else:
-    # A plain library op rather than torch.library.custom_op: the latter's Python wrapper costs ~50 us a call.
+    # A plain library op rather than torch.library.custom_op, whose Python wrapper costs more again per call.
     _library = torch.library.Library("llm_server", "DEF")
     _library.define(SCHEMA)
     _library.impl("int8_gemm", python_int8_gemm, "CPU")
@@ -97,16 +98,18 @@ def _(rows: torch.Tensor, weights_key: torch.Tensor, out_features: int, levels: 
 
 
 def register(packed) -> int:
-    """Make packed weights reachable by the op; returns their key."""
+    """Make packed weights reachable by the op (the C++ registry, or the Python kernel's); returns their key."""
     key = next(_next_key)
-    _packed_weights[key] = packed
     if NATIVE:
         torch.ops.llm_server.keep_packed(key, packed)
+    else:
+        _packed_weights[key] = packed
     return key
 
 
 def release(key: int) -> None:
     """Forget the packed weights of `key` (their layer is gone)."""
-    _packed_weights.pop(key, None)
     if NATIVE:
         torch.ops.llm_server.drop_packed(key)
+    else:
+        _packed_weights.pop(key, None)

@@ -1,0 +1,1 @@
+"""Product features built on the serving engine's decoder: beam search, candidate scoring and the reranker."""
