@@ -18,9 +18,11 @@ from shared.events import EventPublisher
 from shared.jobs import GenerationJob
 from shared.sampling import SamplingParams
 from shared.settings import Settings
+from tests.tiny_tokenizer import single_tokens
 
-SCRIPT = [(19556, "Hello"), (28, ","), (905, " world"), (17, "!")]
-"""(token id, text) pairs a scripted worker emits, at most `max_tokens` of them."""
+SCRIPT = single_tokens("Hello", ",", " world", "!")
+"""(token id, text) pairs a scripted worker emits, at most `max_tokens` of them (ids of the tiny tokenizer,
+which the API tests' app uses)."""
 
 WAIT_S = 10
 """How long a scripted worker waits for its job before giving up (only reached when a test is broken)."""
