@@ -139,10 +139,11 @@ def test_a_beam_job_streams_candidates_then_the_best_beam(connection, tiny_weigh
     from workers.engine.beam import beam_search
 
     tokenizer = load_tokenizer(str(tiny_weights))
-    prompt_ids = tokenizer.encode("Once upon a time")
+    # A prompt whose beams end on whole characters (the tiny vocabulary is mostly bytes).
+    prompt_ids = tokenizer.encode("The history of the Roman Empire")
     job_id = uuid.uuid4().hex
     job = GenerationJob(job_id, prompt_ids, SamplingParams(max_tokens=6, temperature=0), kind=JobKind.BEAM,
-                        extra={"beam_width": 3, "use_rerank": False, "context": "Once upon a time"})
+                        extra={"beam_width": 3, "use_rerank": False, "context": "The history of the Roman Empire"})
     Queue("cpu", connection=connection, serializer=JSONSerializer).enqueue(
         JOB_FUNCTION, kwargs={"payload": job.to_dict()}, job_id=job_id)
     generation = enqueue(connection, tiny_weights, "A stream beside the beam search", max_tokens=8)
