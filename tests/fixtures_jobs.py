@@ -1,9 +1,8 @@
 """Stand-ins for the worker side in API tests: a thread that takes a job from a pool's queue and
-publishes a scripted event stream through `shared.events`, plus a reader for SSE response bodies."""
+publishes a scripted event stream through `shared.events` (SSE bodies are read by tests/sse_client.py)."""
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 import uuid
@@ -152,21 +151,3 @@ def enqueue_job(connection: redis.Redis, pool: str = "cpu", prompt_ids: list[int
     submit(connection, job, Settings())
     return job.job_id
 
-
-def parse_sse(body: str) -> tuple[list[dict], list[str]]:
-    """Events (`{"id", "event", "data"}`) and comment lines of an SSE body."""
-    events, comments = [], []
-    for block in body.split("\n\n"):
-        if not block:
-            continue
-        fields: dict = {}
-        for line in block.split("\n"):
-            if line.startswith(":"):
-                comments.append(line)
-                continue
-            name, _, value = line.partition(": ")
-            fields[name] = value
-        if "event" in fields:
-            event_id = int(fields["id"]) if "id" in fields else None
-            events.append({"id": event_id, "event": fields["event"], "data": json.loads(fields["data"])})
-    return events, comments
