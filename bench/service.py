@@ -25,6 +25,8 @@ from pathlib import Path
 import redis
 import requests
 
+from tests.sse_client import iter_events
+
 ROOT = Path(__file__).resolve().parent.parent
 LONG_ANSWER_PROMPT = "Write a long story about a robot who learns to paint."
 """The chat prompt both service benchmarks stream: our stack stops at EOS, so it asks for a long answer."""
@@ -71,25 +73,7 @@ class StreamTiming:
         return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
 
 
-# -- SSE clients ---------------------------------------------------------------------------------------
-
-def iter_sse(response: requests.Response) -> Iterator[tuple[str, str]]:
-    """(event type, data) of each SSE block; comments (keep-alives) and `id:` lines are skipped."""
-    event_type, data_lines = "message", []
-    for raw in response.iter_lines(decode_unicode=True):
-        line = (raw or "").rstrip("\r")
-        if line == "":
-            if data_lines:
-                yield event_type, "\n".join(data_lines)
-            event_type, data_lines = "message", []
-        elif not line.startswith(":"):
-            name, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if name == "event":
-                event_type = value
-            elif name == "data":
-                data_lines.append(value)
-
+# -- SSE clients (events read by the tests' reader, tests/sse_client.py) -------------------------------
 
 def stream_ours(base_url: str, prompt: str, max_tokens: int) -> StreamTiming:
     """POST /stream (greedy) and time each `token` event until `done`."""
@@ -97,12 +81,12 @@ def stream_ours(base_url: str, prompt: str, max_tokens: int) -> StreamTiming:
     timing = StreamTiming(time.perf_counter())
     with requests.post(f"{base_url}/stream", json=body, stream=True, timeout=600) as response:
         response.raise_for_status()
-        for event_type, data in iter_sse(response):
-            if event_type == "token":
+        for event in iter_events(response, decode=None):
+            if event.event == "token":
                 timing.token_times.append(time.perf_counter())
-            elif event_type == "error":
-                raise RuntimeError(f"stream failed: {data}")
-            elif event_type == "done":
+            elif event.event == "error":
+                raise RuntimeError(f"stream failed: {event.data}")
+            elif event.event == "done":
                 break
     return timing
 
@@ -114,10 +98,10 @@ def stream_llama(base_url: str, messages: list[dict], max_tokens: int) -> Stream
     timing = StreamTiming(time.perf_counter())
     with requests.post(f"{base_url}/v1/chat/completions", json=body, stream=True, timeout=600) as response:
         response.raise_for_status()
-        for _, data in iter_sse(response):
-            if data.strip() == "[DONE]":
+        for event in iter_events(response, decode=None):
+            if event.data.strip() == "[DONE]":
                 break
-            delta = json.loads(data)["choices"][0].get("delta", {})
+            delta = json.loads(event.data)["choices"][0].get("delta", {})
             if delta.get("content"):
                 timing.token_times.append(time.perf_counter())
     return timing

@@ -1,8 +1,10 @@
-"""API test fixtures: an app on an in-process fakeredis, its test client, and fake live RQ workers."""
+"""API test fixtures: an app on an in-process fakeredis, its test client, and fake live RQ workers.
+
+The app's model folder is the tiny tokenizer's (tests/tiny_tokenizer.py): the API tests need no weights.
+"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import fakeredis
@@ -10,8 +12,13 @@ import pytest
 from rq import Queue, Worker
 
 from api import create_app
+from tests.tiny_tokenizer import make_tokenizer_folder
 
-WEIGHTS = Path(os.environ.get("MODEL_DIR") or Path(__file__).resolve().parent.parent / "weights")
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """The tiny tokenizer's model folder (no weights), made once per test session."""
+    return make_tokenizer_folder(tmp_path_factory.mktemp("tiny-tokenizer"))
 
 
 @pytest.fixture
@@ -23,10 +30,11 @@ def redis_client():
 
 
 @pytest.fixture
-def app_config(redis_client) -> dict:
+def app_config(redis_client, tiny_tokenizer_dir) -> dict:
     """The config `app` is built with; a test may build another app from a modified copy."""
-    return {"TESTING": True, "REDIS_CLIENT": redis_client, "MODEL_DIR": str(WEIGHTS), "BACKEND_MODE": "auto",
-            "MAX_SEQ_LEN": 128, "DEFAULT_MAX_TOKENS": 32, "MAX_NEW_TOKENS_LIMIT": 64, "KEEPALIVE_S": 5.0}
+    return {"TESTING": True, "REDIS_CLIENT": redis_client, "MODEL_DIR": str(tiny_tokenizer_dir),
+            "BACKEND_MODE": "auto", "MAX_SEQ_LEN": 128, "DEFAULT_MAX_TOKENS": 32, "MAX_NEW_TOKENS_LIMIT": 64,
+            "KEEPALIVE_S": 5.0}
 
 
 @pytest.fixture
@@ -51,6 +59,7 @@ def live_worker(redis_client):
     return register
 
 
-# Real processes for the integration tests (session-scoped: one service for every module that uses it).
+# Session-scoped fixtures: the real processes of the integration tests (one service for every module that
+# uses it) and the tiny model.
 from tests.service_fixtures import service  # noqa: E402,F401
 from tests.tiny_model import tiny_weights  # noqa: E402,F401

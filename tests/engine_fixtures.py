@@ -22,7 +22,6 @@ from tests.engine_helpers import (
     load_fp32,
     load_int8,
     load_transformers,
-    prepare_tiny,
     run_engine,
     transformers_greedy,
 )
@@ -34,14 +33,14 @@ from workers.gpu.decoder import CUDADecoder
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory) -> Path:
-    """The tiny checkpoint, prepared (fp32 + int8) by the weights command once per session."""
-    return prepare_tiny(tmp_path_factory, "tiny")
+def tiny_dir(tiny_weights) -> Path:
+    """The session's prepared tiny model (tests/tiny_model.py), under the engine tests' name for it."""
+    return tiny_weights
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_dir) -> TextTokenizer:
-    """The real tokenizer, read from the prepared tiny folder."""
+    """The tiny tokenizer, read from the prepared tiny folder."""
     return TextTokenizer(tiny_dir)
 
 

@@ -1,13 +1,9 @@
-"""Helpers of the engine tests: tiny random Llama checkpoints, decoder loading, transformers references, and
-`run_engine`, which drives the engine step by step and keeps every text delta (fixtures: engine_fixtures.py).
-
-The tiny checkpoints are saved by transformers and prepared by the weights command, which is the "any
-local Hugging Face Llama checkpoint" path of `python -m workers.preparation --source DIR`.
+"""Helpers of the engine tests: decoder loading, transformers references, and `run_engine`, which drives the
+engine step by step and keeps every text delta (fixtures: engine_fixtures.py; the tiny model: tiny_model.py).
 """
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,16 +19,6 @@ from workers.gpu.decoder import CUDADecoder
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_WEIGHTS = ROOT / "weights"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
-
-TINY_CONFIG = {
-    "vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
-    "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "initializer_range": 0.2,
-}
-"""Real vocabulary, toy sizes. initializer_range 0.2 rather than transformers' 0.02: the logits then spread
-enough that greedy output depends on the context instead of repeating one token, so a wrong cache row,
-mask or position changes the tokens."""
 
 TINY_PROMPTS = (
     "The history of the Roman Empire",
@@ -48,27 +34,6 @@ REAL_NEW_TOKENS = 64
 
 MAX_STEPS = 5000
 """run_engine fails rather than loops forever when the engine stops making progress."""
-
-
-def make_tiny_checkpoint(folder: Path, seed: int = 0, **overrides) -> Path:
-    """Save a random tiny Llama with transformers (safetensors) plus SmolLM2's tokenizer files into `folder`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    LlamaForCausalLM(LlamaConfig(**{**TINY_CONFIG, **overrides})).save_pretrained(folder)
-    for name in TOKENIZER_FILES:
-        shutil.copy2(REAL_WEIGHTS / name, folder / name)
-    return folder
-
-
-def prepare_tiny(tmp_path_factory, name: str, **overrides) -> Path:
-    """A tiny checkpoint run through the weights command's `prepare` (fp32 folder with int8/ inside)."""
-    from workers.preparation.command import prepare
-
-    source = make_tiny_checkpoint(tmp_path_factory.mktemp(f"{name}-checkpoint"), **overrides)
-    out = tmp_path_factory.mktemp(f"{name}-prepared") / "weights"
-    prepare(source, out)
-    return out
 
 
 def tiny_prompts(tokenizer: TextTokenizer) -> list[list[int]]:

@@ -1,9 +1,8 @@
 """Stand-ins for the worker side in API tests: a thread that takes a job from a pool's queue and
-publishes a scripted event stream through `shared.events`, plus a reader for SSE response bodies."""
+publishes a scripted event stream through `shared.events` (SSE bodies are read by tests/sse_client.py)."""
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 import uuid
@@ -29,9 +28,11 @@ from shared.protocol import (
 )
 from shared.sampling import SamplingParams
 from shared.settings import Settings
+from tests.tiny_tokenizer import single_tokens
 
-SCRIPT = [(19556, "Hello"), (28, ","), (905, " world"), (17, "!")]
-"""(token id, text) pairs a scripted worker emits, at most `max_tokens` of them."""
+SCRIPT = single_tokens("Hello", ",", " world", "!")
+"""(token id, text) pairs a scripted worker emits, at most `max_tokens` of them (ids of the tiny tokenizer,
+which the API tests' app uses)."""
 
 WAIT_S = 10
 """How long a scripted worker waits for its job before giving up (only reached when a test is broken)."""
@@ -159,21 +160,3 @@ def enqueue_job(connection: redis.Redis, pool: str = "cpu", prompt_ids: list[int
     submit(connection, job, Settings())
     return job.job_id
 
-
-def parse_sse(body: str) -> tuple[list[dict], list[str]]:
-    """Events (`{"id", "event", "data"}`) and comment lines of an SSE body."""
-    events, comments = [], []
-    for block in body.split("\n\n"):
-        if not block:
-            continue
-        fields: dict = {}
-        for line in block.split("\n"):
-            if line.startswith(":"):
-                comments.append(line)
-                continue
-            name, _, value = line.partition(": ")
-            fields[name] = value
-        if "event" in fields:
-            event_id = int(fields["id"]) if "id" in fields else None
-            events.append({"id": event_id, "event": fields["event"], "data": json.loads(fields["data"])})
-    return events, comments

@@ -7,7 +7,8 @@ import pytest
 from rq import Queue
 
 from shared.tokenizer import load_tokenizer
-from tests.fixtures_jobs import ScriptedWorker, parse_sse, score_rows
+from tests.fixtures_jobs import ScriptedWorker, score_rows
+from tests.sse_client import parse_sse
 
 CHAT = ["Hello", "Hi! How can I help?", "What is the capital of France?"]
 TURNS = [{"role": "user", "content": CHAT[0]}, {"role": "assistant", "content": CHAT[1]},

@@ -7,7 +7,8 @@ import pytest
 from rq import Queue
 
 from shared.tokenizer import load_tokenizer
-from tests.fixtures_jobs import ScriptedWorker, parse_sse
+from tests.fixtures_jobs import ScriptedWorker
+from tests.sse_client import parse_sse
 
 QUESTION = "What is the capital of France?"
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from shared.tokenizer import load_tokenizer
-from tests.fixtures_jobs import SCRIPT, ScriptedWorker, parse_sse
+from tests.fixtures_jobs import SCRIPT, ScriptedWorker
+from tests.sse_client import parse_sse
 
 PROMPT = "The capital of France is"
 

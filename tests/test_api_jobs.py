@@ -6,7 +6,8 @@ from rq import Queue
 from rq.job import Job, JobStatus
 
 from shared.events import cancel_key
-from tests.fixtures_jobs import ScriptedWorker, enqueue_job, parse_sse, publish_generation
+from tests.fixtures_jobs import ScriptedWorker, enqueue_job, publish_generation
+from tests.sse_client import parse_sse
 
 UNKNOWN = "0123456789abcdef0123456789abcdef"
 

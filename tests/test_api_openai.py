@@ -16,6 +16,7 @@ from shared.model_files import model_name
 from shared.protocol import TokenEvent
 from shared.tokenizer import load_tokenizer
 from tests.fixtures_jobs import ScriptedWorker
+from tests.sse_client import parse_lines
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]
 
@@ -40,7 +41,7 @@ def serve(redis_client, **options) -> ScriptedWorker:
 
 def data_frames(body: str) -> list[str]:
     """The `data:` payloads of an OpenAI stream, in order."""
-    return [line[len("data: "):] for line in body.split("\n") if line.startswith("data: ")]
+    return [event.data for event in parse_lines(body.split("\n"), decode=None)]
 
 
 def test_models_lists_the_served_model(openai_client, served):

@@ -11,7 +11,8 @@ from rq.job import Job, JobStatus
 from api import create_app
 from shared.events import EventPublisher, cancel_key, follow
 from shared.protocol import DoneEvent, TokenEvent, Usage
-from tests.fixtures_jobs import SCRIPT, ScriptedWorker, enqueue_job, parse_sse, publish_generation
+from tests.fixtures_jobs import SCRIPT, ScriptedWorker, enqueue_job, publish_generation
+from tests.sse_client import parse_sse
 
 
 def test_stream_relays_the_job_as_sse_frames(client, redis_client, live_worker):

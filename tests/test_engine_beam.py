@@ -7,7 +7,7 @@ import torch
 
 from shared.exceptions import ContextLengthError
 from shared.tokenizer import TextTokenizer
-from tests.conftest import WEIGHTS
+from tests.engine_helpers import REAL_WEIGHTS as WEIGHTS
 from workers.cpu.decoder import INT8Decoder
 from workers.features.beam import BeamSearch, beam_search
 from workers.features.scoring import score_candidates
@@ -89,7 +89,9 @@ def test_tiny_chat_beams_match_transformers(tiny, eos_kind):
     decoder, hf, tokenizer = tiny
     prompt = tokenizer.encode_chat(CHAT)
     # Three EOS ids keep 4 * 4 candidates a step instead of 2 * 4.
-    eos = [2] if eos_kind == "one" else sorted({2, *greedy(decoder, prompt, 6, [])[3:5]})
+    eos = tokenizer.eos_token_ids
+    if eos_kind == "three":
+        eos = sorted({*eos, *greedy(decoder, prompt, 6, [])[3:5]})
     ours = beam_search(decoder, prompt, 4, 10, 1.0, eos)
     assert_same_beams(ours, hf_beams(hf, prompt, 4, 10, eos))
 
@@ -107,7 +109,8 @@ def test_step_api_and_running_batch_untouched(tiny):
     decoder, _, tokenizer = tiny
     decoder.prefill(0, tokenizer.encode("a running sequence"))
     before = [k[:1].clone() for k in decoder.cache.keys]
-    search = BeamSearch(decoder, tokenizer.encode(RAW), width=3, max_new_tokens=5, eos_token_ids=[2])
+    search = BeamSearch(decoder, tokenizer.encode(RAW), width=3, max_new_tokens=5,
+                        eos_token_ids=tokenizer.eos_token_ids)
     steps = 1
     while not search.step():  # one forward pass per step: a worker may interleave other work here
         steps += 1
@@ -121,10 +124,10 @@ def test_step_api_and_running_batch_untouched(tiny):
 def test_scores_equal_beam_scores_and_prefer_greedy(tiny):
     decoder, _, tokenizer = tiny
     prompt = tokenizer.encode(RAW)
-    candidates = beam_search(decoder, prompt, 4, 8, 0.5, [2])
+    candidates = beam_search(decoder, prompt, 4, 8, 0.5, tokenizer.eos_token_ids)
     scores = score_candidates(decoder, prompt, [c.token_ids for c in candidates], length_penalty=0.5)
     assert scores == pytest.approx([c.score for c in candidates], abs=1e-4)
-    random_ids = torch.randint(0, 49152, (8,), generator=torch.Generator().manual_seed(0)).tolist()
+    random_ids = torch.randint(0, tokenizer.vocab_size, (8,), generator=torch.Generator().manual_seed(0)).tolist()
     good, bad = score_candidates(decoder, prompt, [greedy(decoder, prompt, 8, []), random_ids])
     assert good > bad
 
@@ -146,7 +149,7 @@ def test_bad_arguments(tiny):
 def test_int8_decoder_runs_beam_search(tiny_weights, tiny):
     decoder = INT8Decoder(max_batch_size=2, max_seq_len=128).load_quantized_weights(tiny_weights / "int8")
     prompt = tiny[2].encode(RAW)
-    candidates = beam_search(decoder, prompt, 4, 8, 1.0, [2])
+    candidates = beam_search(decoder, prompt, 4, 8, 1.0, tiny[2].eos_token_ids)
     assert len(candidates) == 4 and len({tuple(c.token_ids) for c in candidates}) == 4
     assert score_candidates(decoder, prompt, [c.token_ids for c in candidates]) == pytest.approx(
         [c.score for c in candidates], abs=1e-3)

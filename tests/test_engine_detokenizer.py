@@ -10,7 +10,7 @@ import pytest
 
 from shared.sampling import SamplingParams
 from shared.tokenizer import TextTokenizer
-from tests.engine_helpers import REAL_WEIGHTS, ScriptedDecoder, run_engine
+from tests.engine_helpers import ScriptedDecoder, run_engine
 from workers.engine.detokenizer import IncrementalDetokenizer, StopFilter
 from workers.engine.sequence import FinishReason
 
@@ -27,8 +27,8 @@ STORY = "Le café était prêt. Voilà 😀 — naïve 🚀 fin. Merci!"
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> TextTokenizer:
-    return TextTokenizer(REAL_WEIGHTS)
+def tokenizer(tiny_tokenizer_dir) -> TextTokenizer:
+    return TextTokenizer(tiny_tokenizer_dir)
 
 
 def stream(tokenizer: TextTokenizer, ids: list[int]) -> list[str]:

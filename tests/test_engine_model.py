@@ -11,10 +11,10 @@ from tests.engine_helpers import (
     greedy,
     load_fp32,
     load_transformers,
-    prepare_tiny,
     tiny_prompts,
     transformers_greedy,
 )
+from tests.tiny_model import prepare_tiny
 
 pytest_plugins = ["tests.engine_fixtures"]
 pytestmark = pytest.mark.usefixtures("one_thread")

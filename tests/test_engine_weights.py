@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from shared.exceptions import ModelFilesMissing
 from shared.model_files import require_model_dir
 from shared.tokenizer import TextTokenizer
-from tests.engine_helpers import REAL_WEIGHTS, make_tiny_checkpoint
+from tests.engine_helpers import REAL_WEIGHTS
+from tests.tiny_model import make_tiny_checkpoint
 from workers.cpu.decoder import INT8Decoder
 from workers.engine.int8 import gemm
 from workers.engine.int8.linear import ACTIVATION_LEVELS, Int8Linear
