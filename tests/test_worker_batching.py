@@ -176,26 +176,24 @@ def test_a_beam_job_streams_candidates_then_the_best_beam(connection, tiny_weigh
     assert read_backlog(connection, generation)[-1].type == "done"  # the batch ran beside it
 
 
-@pytest.mark.xfail(strict=True, reason="a beam's `candidates` text is a plain decode (U+FFFD for an unfinished "
-                   "last character) while its stream and output_text hold that character back")
 def test_a_beam_ending_inside_a_character_lists_the_text_it_streams(tiny_weights):
     from types import SimpleNamespace
 
-    from shared.jobs import JobKind
-    from workers.engine.beam import BeamCandidate
+    from workers.features.beam import BeamCandidate
     from workers.gpu.decoder import CUDADecoder
     from workers.tasks import BeamTask
 
     tokenizer = load_tokenizer(str(tiny_weights))
-    job = GenerationJob(uuid.uuid4().hex, tokenizer.encode("Hi"), SamplingParams(max_tokens=8), kind=JobKind.BEAM,
-                        extra={"beam_width": 1, "use_rerank": False})
+    job = GenerationJob(job_id=uuid.uuid4().hex, prompt_ids=tokenizer.encode("Hi"), sampling=SamplingParams(max_tokens=8),
+                        kind=JobKind.BEAM, beam=BeamOptions(beam_width=1, use_rerank=False))
     decoder = CUDADecoder(device="cpu", max_batch_size=1, max_seq_len=64).load_weights(tiny_weights)
     task = BeamTask(job, decoder, tokenizer.backend, tokenizer.eos_token_ids)
-    unfinished = tokenizer.encode("ok 😀")[:-1]  # the emoji's last byte never came
-    task.search = SimpleNamespace(results=lambda: [BeamCandidate(unfinished, -1.0, -1.0, False)])
-    events = task.finish()
-    streamed = "".join(data["text"] for kind, data in events if kind == "token")
-    assert events[0][1]["candidates"][0]["text"] == streamed == events[-1][1]["output_text"]
+    unfinished = tokenizer.encode("ok \N{GRINNING FACE}")[:-1]  # the emoji's last byte never came
+    task.search = SimpleNamespace(results=lambda: [BeamCandidate(unfinished, -1.0, False)])
+    candidates, *tokens, done = task.finish()
+    streamed = "".join(token.text for token in tokens)
+    assert streamed == "ok " and "\N{REPLACEMENT CHARACTER}" not in candidates.candidates[0].text
+    assert candidates.candidates[0].text == streamed == done.output_text
 
 
 def test_a_failing_step_fails_running_jobs_with_an_error_event_and_the_worker_serves_on(

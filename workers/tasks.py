@@ -61,9 +61,16 @@ class BeamTask:
             return [], False
         return self.finish(), True
 
+    def token_texts(self, token_ids: list[int]) -> list[str]:
+        """Each token's text as a stream shows it (EOS and an unfinished last character show nothing)."""
+        detokenizer = IncrementalDetokenizer(self.tokenizer)
+        return ["" if token in self.eos_token_ids else detokenizer.add(token) for token in token_ids]
+
     def finish(self) -> list[JobEvent]:
+        """The `candidates` event, the winner's `token` events, then `done`."""
         candidates = self.search.results()
-        texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in candidates]
+        pieces = [self.token_texts(candidate.token_ids) for candidate in candidates]
+        texts = ["".join(texts) for texts in pieces]
         beam_scores = [c.score for c in candidates]
         if self.use_rerank:
             ranking = shared_reranker().select_best(self.context, texts, beam_scores)
@@ -74,9 +81,8 @@ class BeamTask:
         listed = [BeamCandidate(index=i, text=text, beam_score=score, **row)
                   for i, (text, score, row) in enumerate(zip(texts, beam_scores, rows))]
         chosen = candidates[winner]
-        detokenizer = IncrementalDetokenizer(self.tokenizer)
-        tokens = [TokenEvent(token=token, text="" if token in self.eos_token_ids else detokenizer.add(token),
-                             index=index) for index, token in enumerate(chosen.token_ids)]
+        tokens = [TokenEvent(token=token, text=text, index=index)
+                  for index, (token, text) in enumerate(zip(chosen.token_ids, pieces[winner]))]
         done = BeamDoneEvent(
             job_id=self.job.job_id, output_text="".join(token.text for token in tokens),
             output_ids=chosen.token_ids, finish_reason="eos" if chosen.ended_with_eos else "length", winner=winner,
