@@ -22,19 +22,16 @@ from rq.timeouts import JobTimeoutException
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
-from shared.exceptions import ConfigurationError, ValidationError
 from shared.events import EventPublisher, cancel_key, publish_many
+from shared.exceptions import ConfigurationError, ValidationError
 from shared.model_files import force_offline
-from shared.protocol import DoneEvent, ErrorBody, GenerationJob, JobKind, TokenEvent, Usage
+from shared.protocol import DoneEvent, ErrorBody, GenerationJob, TokenEvent, Usage
 from shared.settings import Settings
 from shared.tokenizer import load_tokenizer
 from workers.engine.decoder import Decoder
 from workers.engine.engine import Engine
 from workers.engine.sequence import FinishReason, Sequence, Update
-from workers.tasks import BeamTask, ScoreTask
-
-SIDE_TASKS = {JobKind.BEAM: BeamTask, JobKind.SCORE: ScoreTask}
-"""Job kinds run beside the batch, each on a private cache, one step per loop iteration."""
+from workers.features.tasks import SIDE_TASKS, BeamTask, ScoreTask
 
 MAX_SIDE_TASKS = 2
 """Beam searches and scoring jobs a worker runs at once (each holds a cache of its own)."""

@@ -16,7 +16,6 @@ import torch
 from workers.engine.kv_cache import KVCache
 from workers.engine.llama import LlamaConfig, LlamaModel, decode_layer
 
-
 log = logging.getLogger(__name__)
 
 

@@ -15,6 +15,7 @@ from shared.protocol import (
     CandidatesEvent,
     GenerationJob,
     JobEvent,
+    JobKind,
     ScoredCandidate,
     ScoreDoneEvent,
     TokenEvent,
@@ -108,3 +109,8 @@ class ScoreTask:
         rows = [ScoredCandidate(index=i, text=text, lm_score=score, **row)
                 for i, (text, score, row) in enumerate(zip(self.candidates, lm_scores, score_rows(ranking)))]
         return [ScoreDoneEvent(job_id=self.job.job_id, candidates=rows, winner=ranking.index)], True
+
+
+SIDE_TASKS = {JobKind.BEAM: BeamTask, JobKind.SCORE: ScoreTask}
+"""Job kinds run beside the batch, each on a private cache, one step per loop iteration; a new kind of job
+that is not a plain generation adds its task here (and its options and events to `shared.protocol`)."""
