@@ -29,8 +29,14 @@ import types
 import torch
 import torch.nn.functional as F
 
-from bench.int8_quality import (CHAT_PROMPTS, RAW_PROMPTS, agreement_length, greedy_outputs,
-                                teacher_forced_logits, top1_agreement)
+from bench.int8_quality import (
+    CHAT_PROMPTS,
+    RAW_PROMPTS,
+    agreement_length,
+    greedy_outputs,
+    teacher_forced_logits,
+    top1_agreement,
+)
 
 MORE_CHAT = (
     "How do plants make their food?", "Name three famous painters.", "What is a prime number?",

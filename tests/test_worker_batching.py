@@ -180,8 +180,8 @@ def test_a_beam_ending_inside_a_character_lists_the_text_it_streams(tiny_weights
     from types import SimpleNamespace
 
     from workers.features.beam import BeamCandidate
-    from workers.gpu.decoder import CUDADecoder
     from workers.features.tasks import BeamTask
+    from workers.gpu.decoder import CUDADecoder
 
     tokenizer = load_tokenizer(str(tiny_weights))
     job = GenerationJob(job_id=uuid.uuid4().hex, prompt_ids=tokenizer.encode("Hi"), sampling=SamplingParams(max_tokens=8),
