@@ -86,7 +86,7 @@ def describe(connection: redis.Redis, job_id: str) -> dict:
     if last is not None and last.type == "done":
         body["result"] = last.data
     elif last is not None and last.type == "error":
-        body["error"] = last.data.get("error")
+        body["error"] = ErrorBody.model_validate(last.data).error.model_dump(mode="json")
     return body
 
 
