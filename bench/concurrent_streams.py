@@ -73,7 +73,8 @@ def measure_llama(args, messages: list[dict]) -> dict[int, dict[str, float]]:
 
 
 def table(results: dict[str, dict[int, dict[str, float]]]) -> str:
-    rows = ["| system | streams | tokens | aggregate tok/s | TTFT p50 (s) | TTFT p95 (s) | ITL p50 (ms) | ITL p95 (ms) |",
+    rows = ["| system | streams | tokens | aggregate tok/s | TTFT p50 (s) | TTFT p95 (s) "
+            "| ITL p50 (ms) | ITL p95 (ms) |",
             "|---|---|---|---|---|---|---|---|"]
     for name, by_n in results.items():
         for n, r in by_n.items():
@@ -91,12 +92,14 @@ def target_lines(results: dict[str, dict[int, dict[str, float]]]) -> list[str]:
     if 8 in ours and 8 in llama:
         checks.append(("aggregate at 8 streams / llama.cpp at 8", ours[8]["aggregate"] / llama[8]["aggregate"], 3.5))
     if 1 in ours and 32 in ours:
-        checks.append(("aggregate at 32 streams / our single stream", ours[32]["aggregate"] / ours[1]["aggregate"], 7.0))
+        checks.append(("aggregate at 32 streams / our single stream",
+                       ours[32]["aggregate"] / ours[1]["aggregate"], 7.0))
     lines = [f"{what}: {value:.2f}x ({'meets' if value >= goal else 'misses'} the {goal}x target)"
              for what, value, goal in checks]
     if 8 in ours:
         ttft = ours[8]["ttft_p50"]
-        lines.append(f"median TTFT at 8 streams: {ttft:.2f} s ({'meets' if ttft < 0.5 else 'misses'} the < 0.5 s target)")
+        lines.append(f"median TTFT at 8 streams: {ttft:.2f} s "
+                     f"({'meets' if ttft < 0.5 else 'misses'} the < 0.5 s target)")
     return lines
 
 

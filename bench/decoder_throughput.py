@@ -88,7 +88,8 @@ def main() -> None:
     rows = [header, "|---|" + "---|" * len(args.batches)]
     rows += [f"| {name} | " + " | ".join(f"{r[b]:.1f}" for b in args.batches) + " |" for name, r in results.items()]
     ours, baseline = results["INT8Decoder (ours)"], results["transformers generate + dynamic INT8"]
-    notes = [f"INT8 batch 1 vs transformers + dynamic INT8 batch 1: {ours[args.batches[0]] / baseline[args.batches[0]]:.2f}x"]
+    notes = [f"INT8 batch 1 vs transformers + dynamic INT8 batch 1: "
+             f"{ours[args.batches[0]] / baseline[args.batches[0]]:.2f}x"]
     if 8 in ours:
         notes.append(f"INT8 batch 8 vs its own batch 1: {ours[8] / ours[args.batches[0]]:.2f}x")
     table = "\n".join(rows)

@@ -187,9 +187,9 @@ def main() -> None:
         write_section("INT8 quality (vs the fp32 path)" + (", INT8_RESIDUAL=1" if settings.int8_residual else ""),
                       f"Machine: {machine()}. One run of `python -m bench.int8_quality --tokens {args.tokens}`; "
                       f"INT8 = `INT8Decoder` (SmoothQuant alpha 0.5, per-channel INT8 weights, per-row {codes} "
-                      f"activation codes, {form}), fp32 = `CUDADecoder(device=\"cpu\")`, both greedy. The greedy outputs "
-                      "part where fp32 itself hesitates (its top token at p < 0.5): compare the agreement rates "
-                      "below with and without that condition.\n\n" + text)
+                      f"activation codes, {form}), fp32 = `CUDADecoder(device=\"cpu\")`, both greedy. "
+                      "The greedy outputs part where fp32 itself hesitates (its top token at p < 0.5): "
+                      "compare the agreement rates below with and without that condition.\n\n" + text)
 
 
 if __name__ == "__main__":

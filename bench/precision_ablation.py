@@ -128,7 +128,7 @@ def step_times(settings, repeats: int = 3) -> list[str]:
     state = fuse_projections(load_state_dict(settings.model_path))
     for layer_name, layer in probe.model.layers.named_children():
         for owner in (layer.self_attn, layer.mlp):
-            for name, child in list(owner.named_children()):
+            for name, _child in list(owner.named_children()):
                 prefix = "self_attn" if owner is layer.self_attn else "mlp"
                 setattr(owner, name, Int4Linear(state[f"model.layers.{layer_name}.{prefix}.{name}.weight"]))
     probe.compile_decode = True
@@ -209,7 +209,8 @@ def main() -> None:
         if decoder is not None:  # same context as fp32 at every step of fp32's outputs
             logits = torch.cat([teacher_forced_logits(decoder, p, o) for p, o in zip(prompt_ids, expected)])
             forced = f"{100 * top1_agreement(logits, forced_reference):.1f}%"
-        first_eight = sum(a >= min(16, len(e)) for a, e in zip(agreed[:4] + agreed[12:16], expected[:4] + expected[12:16]))
+        first_eight = sum(a >= min(16, len(e))
+                          for a, e in zip(agreed[:4] + agreed[12:16], expected[:4] + expected[12:16]))
         rows.append(f"| {label} | {passing} of {len(agreed)} | {first_eight} of 8 | "
                     f"{sum(agreed) / len(agreed):.1f} | {forced} |")
         print(rows[-1], flush=True)
@@ -235,7 +236,8 @@ def main() -> None:
         "| mean agreeing prefix | picks fp32's token, same context |",
         "|---|---|---|---|---|", *rows])
     if args.speed:
-        table += "\n\nCompiled decode steps, medians of 3 alternating runs of 20 steps:\n\n" + "\n".join(step_times(settings))
+        table += ("\n\nCompiled decode steps, medians of 3 alternating runs of 20 steps:\n\n"
+                  + "\n".join(step_times(settings)))
     print(table)
     if args.write:
         write_section("Precision ablation (greedy agreement with the fp32 path)",

@@ -160,7 +160,8 @@ def follow(connection: redis.Redis, job_id: str, after_id: int = 0, *, keepalive
                         yield event
                         if event.terminal:
                             return
-                    yield Event.of(last_id + 1, ErrorBody.of("job_lost", "the job ended without a result (worker lost)"))
+                    yield Event.of(last_id + 1,
+                                   ErrorBody.of("job_lost", "the job ended without a result (worker lost)"))
                     return
                 yield None
     finally:

@@ -70,7 +70,8 @@ class Settings:
     def validate(self) -> None:
         """Refuse settings that cannot work, naming the variable."""
         if self.backend_mode not in BACKEND_MODES:
-            raise ConfigurationError(f"BACKEND_MODE must be one of {', '.join(BACKEND_MODES)}, not {self.backend_mode!r}")
+            raise ConfigurationError(
+                f"BACKEND_MODE must be one of {', '.join(BACKEND_MODES)}, not {self.backend_mode!r}")
         if self.worker_device not in ("cuda", "cpu"):
             raise ConfigurationError(f"WORKER_DEVICE must be 'cuda' or 'cpu', not {self.worker_device!r}")
         for name in ("max_batch_size", "max_seq_len", "prefill_chunk", "max_tokens_in_flight", "max_batch_prompts",

@@ -52,7 +52,8 @@ def test_beam_enqueues_a_beam_job_on_the_chat_templated_prompt(app, client, redi
     assert payload["kind"] == "beam"
     assert payload["prompt_ids"] == load_tokenizer(app.config["MODEL_DIR"]).encode_chat(TURNS)
     assert payload["sampling"]["max_tokens"] == 5
-    assert payload["beam"] == {"beam_width": 2, "length_penalty": 0.5, "use_rerank": False, "context": CONVERSATION_TEXT}
+    assert payload["beam"] == {"beam_width": 2, "length_penalty": 0.5, "use_rerank": False,
+                               "context": CONVERSATION_TEXT}
 
 
 def test_beam_defaults(client, redis_client, live_worker):

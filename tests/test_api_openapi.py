@@ -102,7 +102,8 @@ GENERATION_EVENTS = {"token": refs("TokenEvent"), "done": refs("DoneEvent"), "er
     ("/chat", GENERATION_EVENTS),
     ("/stream_chat_beam", {"candidates": refs("CandidatesEvent"), "token": refs("TokenEvent"),
                            "done": refs("BeamDoneEvent"), "error": refs("ErrorBody")}),
-    ("/jobs/{job_id}/stream", {"token": refs("TokenEvent"), "done": refs("DoneEvent", "BeamDoneEvent", "ScoreDoneEvent"),
+    ("/jobs/{job_id}/stream", {"token": refs("TokenEvent"),
+                               "done": refs("DoneEvent", "BeamDoneEvent", "ScoreDoneEvent"),
                                "error": refs("ErrorBody"), "candidates": refs("CandidatesEvent")}),
 ])
 def test_sse_routes_are_event_streams_with_their_event_shapes(document, path, events):

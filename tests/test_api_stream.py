@@ -77,8 +77,9 @@ def test_resumed_stream_replays_the_backlog_then_follows_live(client, redis_clie
     def finish_job():  # the worker goes on while the client reads: no event may be lost or repeated
         for index, (token, text) in enumerate(SCRIPT[2:], start=2):
             publisher.publish(TokenEvent(token=token, text=text, index=index))
-        publisher.publish(DoneEvent(job_id=job_id, output_text="Hello, world!", output_ids=[token for token, _ in SCRIPT],
-                                    finish_reason="eos", usage=Usage(prompt_tokens=3, completion_tokens=len(SCRIPT))))
+        publisher.publish(DoneEvent(job_id=job_id, output_text="Hello, world!",
+                                    output_ids=[token for token, _ in SCRIPT], finish_reason="eos",
+                                    usage=Usage(prompt_tokens=3, completion_tokens=len(SCRIPT))))
 
     live = threading.Thread(target=finish_job)
     live.start()

@@ -56,7 +56,7 @@ def test_32_concurrent_streams_each_get_their_own_text(service):
     for thread in threads:
         thread.join(timeout=300)
     assert len(results) == len(prompts)
-    for index, (job_id, events) in results.items():
+    for _index, (job_id, events) in results.items():
         done = events[-1]
         assert done.event == "done" and done.data["job_id"] == job_id
         assert "".join(e.data["text"] for e in events[:-1]) == done.data["output_text"]

@@ -54,7 +54,8 @@ def test_worker_streams_every_job_and_settles_it_in_rq(connection, tiny_weights,
         assert done.type == "done" and [e.id for e in events] == list(range(1, len(events) + 1))
         assert len(done.data["output_ids"]) <= expected
         assert "".join(e.data["text"] for e in tokens) == done.data["output_text"]
-        assert Queue(pool, connection=connection, serializer=JSONSerializer).fetch_job(job_id).get_status() == JobStatus.FINISHED
+        queue = Queue(pool, connection=connection, serializer=JSONSerializer)
+        assert queue.fetch_job(job_id).get_status() == JobStatus.FINISHED
     assert sorted(FinishedJobRegistry(pool, connection=connection).get_job_ids()) == sorted(job_ids)
     assert StartedJobRegistry(pool, connection=connection).get_job_ids() == []
 
@@ -159,7 +160,8 @@ def test_a_beam_job_streams_candidates_then_the_best_beam(connection, tiny_weigh
     prompt_ids = tokenizer.encode("The history of the Roman Empire")
     job_id = uuid.uuid4().hex
     job = GenerationJob(job_id=job_id, prompt_ids=prompt_ids, sampling=SamplingParams(max_tokens=6, temperature=0),
-                        kind=JobKind.BEAM, beam=BeamOptions(beam_width=3, use_rerank=False, context="The history of the Roman Empire"))
+                        kind=JobKind.BEAM,
+                        beam=BeamOptions(beam_width=3, use_rerank=False, context="The history of the Roman Empire"))
     Queue("cpu", connection=connection, serializer=JSONSerializer).enqueue(
         JOB_FUNCTION, kwargs={"payload": job.model_dump(mode="json")}, job_id=job_id)
     generation = enqueue(connection, tiny_weights, "A stream beside the beam search", max_tokens=8)
@@ -184,8 +186,9 @@ def test_a_beam_ending_inside_a_character_lists_the_text_it_streams(tiny_weights
     from workers.gpu.decoder import CUDADecoder
 
     tokenizer = load_tokenizer(str(tiny_weights))
-    job = GenerationJob(job_id=uuid.uuid4().hex, prompt_ids=tokenizer.encode("Hi"), sampling=SamplingParams(max_tokens=8),
-                        kind=JobKind.BEAM, beam=BeamOptions(beam_width=1, use_rerank=False))
+    job = GenerationJob(job_id=uuid.uuid4().hex, prompt_ids=tokenizer.encode("Hi"),
+                        sampling=SamplingParams(max_tokens=8), kind=JobKind.BEAM,
+                        beam=BeamOptions(beam_width=1, use_rerank=False))
     decoder = CUDADecoder(device="cpu", max_batch_size=1, max_seq_len=64).load_weights(tiny_weights)
     task = BeamTask(job, decoder, tokenizer.backend, tokenizer.eos_token_ids)
     unfinished = tokenizer.encode("ok \N{GRINNING FACE}")[:-1]  # the emoji's last byte never came

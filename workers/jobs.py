@@ -10,4 +10,5 @@ from __future__ import annotations
 
 def generate(payload: dict) -> None:
     """Refuse to run outside a batching worker (the job would otherwise never publish its events)."""
-    raise RuntimeError("generation jobs must be run by `rq worker cpu|gpu -w workers.cpu.CPUWorker|workers.gpu.GPUWorker`")
+    raise RuntimeError("generation jobs must be run by "
+                       "`rq worker cpu|gpu -w workers.cpu.CPUWorker|workers.gpu.GPUWorker`")

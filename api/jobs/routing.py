@@ -66,8 +66,8 @@ def submit_many(connection: redis.Redis, pipeline: Pipeline, jobs: list[Generati
     by_pool: dict[str, list] = {}
     for job in jobs:
         by_pool.setdefault(job.backend, []).append(Queue.prepare_data(
-            JOB_FUNCTION, kwargs={"payload": job.model_dump(mode="json")}, job_id=job.job_id, timeout=settings.job_timeout_s,
-            result_ttl=keep_s, failure_ttl=keep_s, description=describe(job)))
+            JOB_FUNCTION, kwargs={"payload": job.model_dump(mode="json")}, job_id=job.job_id,
+            timeout=settings.job_timeout_s, result_ttl=keep_s, failure_ttl=keep_s, description=describe(job)))
     for pool, data in by_pool.items():
         Queue(pool, connection=connection, serializer=JSONSerializer).enqueue_many(data, pipeline=pipeline)
 

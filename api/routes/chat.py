@@ -34,7 +34,8 @@ bp = Blueprint("chat", __name__)
 @bp.post("/chat")
 @operation("Reply to a conversation, streamed token by token (SSE)", tag="chat", body=ChatBody,
            responses={200: Reply("The reply's events as they happen (the same events as /stream).", (
-               sse_media(EVENTS_BY_KIND[JobKind.GENERATE], STREAM_DESCRIPTION, STREAM_EXAMPLE),), {**X_JOB_ID, **DROPPED_HEADER_DOC})},
+               sse_media(EVENTS_BY_KIND[JobKind.GENERATE], STREAM_DESCRIPTION, STREAM_EXAMPLE),),
+               {**X_JOB_ID, **DROPPED_HEADER_DOC})},
            errors=GENERATION_ERRORS)
 def chat() -> Response:
     """Render the conversation with the model's chat template and stream the assistant's next turn.
@@ -67,7 +68,8 @@ BEAM_DESCRIPTION = ("Server-sent events: one `candidates` event once the search 
 @bp.post("/stream_chat_beam")
 @operation("Beam search over a conversation, rerank, stream the winner (SSE)", tag="chat", body=BeamBody,
            responses={200: Reply("The candidates, then the winner's tokens.", (
-               sse_media(EVENTS_BY_KIND[JobKind.BEAM], BEAM_DESCRIPTION, BEAM_EXAMPLE),), {**X_JOB_ID, **DROPPED_HEADER_DOC})},
+               sse_media(EVENTS_BY_KIND[JobKind.BEAM], BEAM_DESCRIPTION, BEAM_EXAMPLE),),
+               {**X_JOB_ID, **DROPPED_HEADER_DOC})},
            errors=GENERATION_ERRORS)
 def stream_chat_beam() -> Response:
     """Run a beam search for the assistant's next turn; every beam is a candidate, the winner is streamed.

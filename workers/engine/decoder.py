@@ -90,11 +90,13 @@ class Decoder:
         # equal for ever, or the first batch that differs recompiles.
         torch.fx.experimental._config.use_duck_shape = False
         self._compiled_layer = torch.compile(
-            layer_function(self.variant), dynamic=True, options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+            layer_function(self.variant), dynamic=True,
+            options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         try:
             for batch in (1, min(2, self.max_batch_size)):  # size 1 is specialised; 2 covers every larger batch
                 self.decode([0] * batch, [1] * batch)
-        except Exception:  # noqa: BLE001: any compiler failure leaves a working eager decoder
+        # Broad on purpose: any compiler failure leaves a working eager decoder.
+        except Exception:  # noqa: BLE001
             log.exception("torch.compile of the decode step failed; decoding eagerly")
             self._compiled_layer = None
 

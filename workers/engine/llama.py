@@ -161,7 +161,8 @@ class DecoderLayer(nn.Module):
 
 
 def decode_layer(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
-                 positions: torch.Tensor, visible: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+                 positions: torch.Tensor, visible: torch.Tensor, keys: torch.Tensor,
+                 values: torch.Tensor) -> torch.Tensor:
     """`layer` for one new token in each of slots 0..B-1, on that layer's cache tensors.
 
     The unit torch.compile compiles: every argument is a tensor or a module of the same shape, so one
@@ -213,7 +214,8 @@ class LlamaModel(nn.Module):
         return torch.cat((cos, cos), dim=-1)[:, :, None, :], torch.cat((-sin, sin), dim=-1)[:, :, None, :]
 
     @torch.no_grad()  # not inference_mode, which torch.compile does not trace
-    def decode_step(self, tokens: list[int], positions: list[int], cache: KVCache, run_layer=decode_layer) -> torch.Tensor:
+    def decode_step(self, tokens: list[int], positions: list[int], cache: KVCache,
+                    run_layer=decode_layer) -> torch.Tensor:
         """Logits `[B, vocab]` for one new token per slot 0..B-1: `tokens[b]` at `positions[b]`.
 
         Rows attend through decode_attention, so no Python loop over rows; `run_layer` may be a compiled

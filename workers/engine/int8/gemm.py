@@ -25,7 +25,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-fbgemm_linear = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32.default  # the overload: no per-call argument scan
+# The overload: no per-call argument scan.
+fbgemm_linear = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32.default
 
 SCHEMA = "int8_gemm(Tensor rows, Tensor weights_key, int out_features, int levels) -> Tensor"
 
@@ -66,7 +67,8 @@ def _load_native_op() -> bool:
         cpp_extension.load(name="llm_server_int8_gemm", sources=[str(Path(__file__).with_name("gemm.cpp"))],
                            extra_cflags=["-O2"], is_python_module=False)
         return True
-    except Exception:  # noqa: BLE001: no compiler, headers or ninja: the Python kernel does the same work
+    # Broad on purpose: no compiler, headers or ninja: the Python kernel does the same work.
+    except Exception:  # noqa: BLE001
         log.warning("could not build the C++ INT8 GEMM op; using its Python kernel (slower per call)",
                     exc_info=True)
         return False
