@@ -187,12 +187,18 @@ EVENTS_BY_KIND: dict[JobKind, dict[str, type[JobEvent]]] = {
 }
 """The events each kind of job publishes, by SSE name, in the order they come."""
 
-ANY_JOB_EVENTS: dict[str, tuple[type[JobEvent], ...]] = {}
+
+def _events_of_any_kind() -> dict[str, tuple[type[JobEvent], ...]]:
+    events: dict[str, tuple[type[JobEvent], ...]] = {}
+    for by_name in EVENTS_BY_KIND.values():
+        for name, model in by_name.items():
+            if model not in events.setdefault(name, ()):
+                events[name] += (model,)
+    return events
+
+
+ANY_JOB_EVENTS = _events_of_any_kind()
 """The events a stream of a job of any kind may carry, by SSE name (a resumed stream does not know the kind)."""
-for _events in EVENTS_BY_KIND.values():
-    for _name, _model in _events.items():
-        if _model not in ANY_JOB_EVENTS.setdefault(_name, ()):
-            ANY_JOB_EVENTS[_name] += (_model,)
 
 TERMINAL_EVENTS = frozenset(name for events in EVENTS_BY_KIND.values()
                             for name, model in events.items() if model.terminal)
