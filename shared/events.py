@@ -117,11 +117,12 @@ def _ended_by(connection: redis.Redis, job_id: str, event_id: int) -> bool:
 
 
 def follow(connection: redis.Redis, job_id: str, after_id: int = 0, *, keepalive_s: float = 5.0,
-           is_alive=None) -> Iterator[Event | None]:
+           is_alive=None, check_every_s: float = 2.0) -> Iterator[Event | None]:
     """Yield a job's events after `after_id` until a terminal one; `None` every `keepalive_s` of silence.
 
-    `is_alive()` (optional) is asked during silences; when it says False (the job is gone, for example
-    its worker died), the stream ends with an `error` event instead of waiting forever.
+    `is_alive()` (optional) is asked every `check_every_s` of silence; when it says False (the job is gone,
+    for example its worker died for good), the stream ends with the job's last events if it published
+    any, else with a `job_lost` error, instead of waiting forever.
     """
     pubsub = connection.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(channel_name(job_id))
@@ -134,9 +135,9 @@ def follow(connection: redis.Redis, job_id: str, after_id: int = 0, *, keepalive
             yield event
             if event.terminal:
                 return
-        silent_since = time.monotonic()
+        silent_since = checked_at = time.monotonic()
         while True:
-            message = pubsub.get_message(timeout=min(1.0, keepalive_s))
+            message = pubsub.get_message(timeout=min(1.0, keepalive_s, check_every_s))
             if message is not None and message.get("type") == "message":
                 event = Event.decode(message["data"])
                 if event.id <= last_id:
@@ -150,11 +151,12 @@ def follow(connection: redis.Redis, job_id: str, after_id: int = 0, *, keepalive
                     yield event
                     if event.terminal:
                         return
-                silent_since = time.monotonic()
+                silent_since = checked_at = time.monotonic()
                 continue
-            if time.monotonic() - silent_since >= keepalive_s:
-                silent_since = time.monotonic()
-                if is_alive is not None and not is_alive():
+            clock = time.monotonic()
+            if is_alive is not None and clock - checked_at >= check_every_s:
+                checked_at = clock
+                if not is_alive():
                     for event in read_backlog(connection, job_id, last_id):  # it may have just finished
                         last_id = event.id
                         yield event
@@ -163,6 +165,8 @@ def follow(connection: redis.Redis, job_id: str, after_id: int = 0, *, keepalive
                     yield Event.of(last_id + 1,
                                    ErrorBody.of("job_lost", "the job ended without a result (worker lost)"))
                     return
+            if clock - silent_since >= keepalive_s:
+                silent_since = clock
                 yield None
     finally:
         pubsub.close()

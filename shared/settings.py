@@ -48,6 +48,9 @@ class Settings:
     keepalive_s: float = 5.0
     max_batch_prompts: int = 64  # prompts one POST /generate_batch may carry
     batch_ttl_s: int = 3600  # how long a batch's record and its jobs' results stay readable
+    worker_dead_s: int = 10  # a worker silent this long is dead: it stops counting and its jobs are recovered
+    max_recoveries: int = 2  # times a job whose worker died is resumed on another before it fails
+    crash_after_tokens: int = 0  # test-only fault hook: a worker exits abruptly once a job has this many tokens
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:
@@ -75,7 +78,7 @@ class Settings:
         if self.worker_device not in ("cuda", "cpu"):
             raise ConfigurationError(f"WORKER_DEVICE must be 'cuda' or 'cpu', not {self.worker_device!r}")
         for name in ("max_batch_size", "max_seq_len", "prefill_chunk", "max_tokens_in_flight", "max_batch_prompts",
-                     "batch_ttl_s"):
+                     "batch_ttl_s", "worker_dead_s"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name.upper()} must be at least 1")
 

@@ -119,6 +119,25 @@ def test_a_job_that_fails_without_a_result_ends_the_stream_with_an_error(app_con
     assert comments  # keep-alives went out while the API waited
 
 
+def test_a_queued_job_whose_pool_has_no_live_worker_left_ends_with_no_worker(app_config, redis_client):
+    client = create_app({**app_config, "KEEPALIVE_S": 0.05}).test_client()
+    job_id = enqueue_job(redis_client)  # its pool's last worker died after the job was accepted
+    events, _ = parse_sse(client.get(f"/jobs/{job_id}/stream").get_data(as_text=True))
+    assert [e["event"] for e in events] == ["error"] and events[0]["data"]["error"]["type"] == "no_worker"
+    assert events[0]["id"] == 1  # in the backlog: a client resuming later is told the same
+    assert Job.fetch(job_id, connection=redis_client).get_status() == JobStatus.CANCELED
+
+
+def test_a_queued_job_waits_while_its_pool_has_a_live_worker(app_config, redis_client, live_worker):
+    live_worker("cpu")
+    client = create_app({**app_config, "KEEPALIVE_S": 0.05}).test_client()
+    job_id = enqueue_job(redis_client)
+    response = client.get(f"/jobs/{job_id}/stream", buffered=False)
+    frames = response.iter_encoded()
+    assert [next(frames) for _ in range(5)] == [b": keep-alive\n\n"] * 5  # alive checks passed meanwhile
+    response.close()
+
+
 def test_a_client_leaving_the_stream_cancels_its_job(client, redis_client, live_worker):
     live_worker("cpu")  # registered, but nothing takes the job: it stays queued
     response = client.post("/stream", json={"prompt": "Hello"}, buffered=False)

@@ -192,3 +192,33 @@ def test_the_int8_decoders_kv_cache_takes_half_the_memory(tiny_dir):
         return sum(t.numel() * t.element_size() for t in (*decoder.cache.keys, *decoder.cache.values))
 
     assert cache_bytes(load_int8(tiny_dir)) * 2 == cache_bytes(load_fp32(tiny_dir))
+
+
+@pytest.mark.parametrize("stop", [(), ("e",)])
+def test_a_resumed_sequence_goes_on_exactly_where_its_stream_stopped(tiny_fp32, tiny_tokenizer, prompts, stop):
+    # A worker died after sending 7 tokens; another prefills prompt + those 7 and carries on.
+    params = SamplingParams(max_tokens=16, temperature=0.0, stop=stop)
+    whole = Engine(tiny_fp32, tiny_tokenizer.backend, []).run(
+        [Sequence("whole", prompts[1], params, tiny_tokenizer.backend)])[0]
+    sent = whole.output_ids[:7]
+    engine = Engine(tiny_fp32, tiny_tokenizer.backend, [])
+    resumed = Sequence("resumed", prompts[1], params, tiny_tokenizer.backend)
+    engine.add(resumed, sent)
+    updates = []
+    while not resumed.finished:
+        updates += engine.step()
+    assert resumed.output_ids == whole.output_ids and resumed.output_text == whole.output_text
+    assert [u.index for u in updates if u.token is not None] == list(range(7, len(whole.output_ids)))
+    assert resumed.finish_reason == whole.finish_reason
+
+
+def test_a_sequence_whose_resumed_tokens_already_ended_it_finishes_at_once(tiny_fp32, tiny_tokenizer, prompts):
+    params = SamplingParams(max_tokens=5, temperature=0.0)
+    whole = Engine(tiny_fp32, tiny_tokenizer.backend, []).run(
+        [Sequence("whole", prompts[0], params, tiny_tokenizer.backend)])[0]
+    engine = Engine(tiny_fp32, tiny_tokenizer.backend, [])
+    resumed = Sequence("resumed", prompts[0], params, tiny_tokenizer.backend)
+    engine.add(resumed, whole.output_ids)  # its worker died between the last token and `done`
+    assert [(u.token, u.finished) for u in engine.step()] == [(None, True)]
+    assert resumed.output_text == whole.output_text and resumed.finish_reason == FinishReason.LENGTH
+    assert not engine.has_work

@@ -11,8 +11,8 @@ from rq.job import JobStatus
 from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from shared.events import cancel_key, read_backlog
-from shared.protocol import JOB_FUNCTION, BeamOptions, GenerationJob, JobKind, ScoreOptions
+from shared.events import EventPublisher, cancel_key, read_backlog
+from shared.protocol import JOB_FUNCTION, BeamOptions, GenerationJob, JobKind, ScoreOptions, TokenEvent
 from shared.sampling import SamplingParams
 from shared.settings import Settings
 from shared.tokenizer import load_tokenizer
@@ -221,3 +221,33 @@ def test_a_failing_step_fails_running_jobs_with_an_error_event_and_the_worker_se
     after = enqueue(connection, tiny_weights, "The next job still runs", max_tokens=3)
     worker.work(burst=True)  # the same worker, model still loaded
     assert read_backlog(connection, after)[-1].type == "done"
+
+
+def test_a_job_handed_back_by_a_dead_worker_resumes_after_the_events_it_sent(connection, tiny_weights):
+    reference = enqueue(connection, tiny_weights, "Once upon a time", max_tokens=12, temperature=0)
+    run_worker(connection, tiny_weights)
+    uninterrupted = read_backlog(connection, reference)
+    job_id = enqueue(connection, tiny_weights, "Once upon a time", max_tokens=12, temperature=0)
+    dead_worker = EventPublisher(connection, job_id, ttl_s=60)
+    for event in uninterrupted[:5]:  # what the first worker sent before it died
+        dead_worker.publish(TokenEvent.model_validate(event.data))
+    run_worker(connection, tiny_weights)
+    events = read_backlog(connection, job_id)
+    assert [e.id for e in events] == [e.id for e in uninterrupted]
+    assert [e.data for e in events[:-1]] == [e.data for e in uninterrupted[:-1]]
+    assert events[-1].data == {**uninterrupted[-1].data, "job_id": job_id}
+
+
+def test_a_beam_job_that_had_begun_publishing_is_not_resumed(connection, tiny_weights):
+    tokenizer = load_tokenizer(str(tiny_weights))
+    job_id = uuid.uuid4().hex
+    job = GenerationJob(job_id=job_id, prompt_ids=tokenizer.encode("Hi"), sampling=SamplingParams(max_tokens=4),
+                        kind=JobKind.BEAM, beam=BeamOptions(beam_width=2, use_rerank=False))
+    Queue("cpu", connection=connection, serializer=JSONSerializer).enqueue(
+        JOB_FUNCTION, kwargs={"payload": job.model_dump(mode="json")}, job_id=job_id)
+    EventPublisher(connection, job_id, ttl_s=60).publish(TokenEvent(token=5, text="x", index=0))
+    run_worker(connection, tiny_weights)
+    events = read_backlog(connection, job_id)
+    assert [e.type for e in events] == ["token", "error"] and events[-1].data["error"]["type"] == "job_lost"
+    assert job_id in FailedJobRegistry("cpu", connection=connection).get_job_ids()
+

@@ -10,6 +10,7 @@ timeouts are checked between steps, since nothing can interrupt a job running in
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from rq.timeouts import JobTimeoutException
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
-from shared.events import EventPublisher, cancel_key, publish_many
+from shared.events import Event, EventPublisher, cancel_key, publish_many, read_backlog
 from shared.exceptions import ConfigurationError, ValidationError
 from shared.model_files import force_offline
 from shared.protocol import DoneEvent, ErrorBody, GenerationJob, TokenEvent, Usage
@@ -32,12 +33,15 @@ from workers.engine.decoder import Decoder
 from workers.engine.engine import Engine
 from workers.engine.sequence import FinishReason, Sequence, Update
 from workers.features.tasks import SIDE_TASKS, BeamTask, ScoreTask
+from workers.liveness import Liveness
 
 MAX_SIDE_TASKS = 2
 """Beam searches and scoring jobs a worker runs at once (each holds a cache of its own)."""
 
-HEARTBEAT_INTERVAL_S = 5.0
-"""How often running jobs and the worker refresh their RQ heartbeats while the batch is busy."""
+
+
+class ResumeError(Exception):
+    """A job handed back by a dead worker that cannot go on from where it stopped."""
 
 
 @dataclass(slots=True)
@@ -59,11 +63,12 @@ class BatchingWorker(SimpleWorker):
 
     def __init__(self, *args, settings: Settings | None = None, **kwargs):
         kwargs["serializer"] = JSONSerializer  # payloads are JSON; never unpickle what is in Redis
-        super().__init__(*args, **kwargs)
         self.settings = settings or Settings.from_env()
+        kwargs.setdefault("worker_ttl", self.settings.worker_dead_s)
+        super().__init__(*args, **kwargs)
         self.engine: Engine | None = None
         self.running: dict[str, RunningJob] = {}
-        self._last_heartbeat = 0.0
+        self.liveness: Liveness | None = None
 
     def build_decoder(self) -> Decoder:
         """The pool's decoder with its weights loaded."""
@@ -88,7 +93,20 @@ class BatchingWorker(SimpleWorker):
             except ConfigurationError as exc:
                 raise SystemExit(f"{self.name}: {exc}") from exc
             self.log.info("Worker %s: model loaded, batch of up to %d", self.name, self.engine.decoder.max_batch_size)
-        return super().work(*args, **kwargs)
+        self.liveness = Liveness(self)
+        self.liveness.start()
+        try:
+            return super().work(*args, **kwargs)
+        finally:
+            self.liveness.stop()
+
+    # -- liveness: RQ's heartbeats, with WORKER_DEAD_S as every TTL (workers/liveness.py refreshes them) ----
+
+    def heartbeat(self, timeout: int | None = None, pipeline=None) -> None:
+        super().heartbeat(self.settings.worker_dead_s, pipeline=pipeline)
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        return self.settings.worker_dead_s
 
     # -- the batch loop ------------------------------------------------------------------------------
 
@@ -103,7 +121,6 @@ class BatchingWorker(SimpleWorker):
                 if self.engine.has_work:
                     self.publish(self.engine.step())
                 self.step_side_tasks()
-                self.keep_heartbeats()
         except Exception:  # a bug in a step must not strand clients: fail what is running, keep serving
             self.log.exception("Worker %s: batch step failed", self.name)
             for entry in list(self.running.values()):
@@ -131,16 +148,36 @@ class BatchingWorker(SimpleWorker):
         entry = RunningJob(job, queue, execution, publisher, sequence=None, started=time.monotonic())
         try:
             payload = GenerationJob.model_validate(job.kwargs["payload"])
+            sent = self.events_already_sent(entry)
+            if sent and sent[-1].terminal:  # it ended after all (say, cancelled while requeued): nothing to run
+                self.drop(entry)
+                return
             if payload.kind in SIDE_TASKS:
+                if sent:
+                    raise ResumeError("its worker died while publishing its result; a beam search or scoring job "
+                                      "cannot resume from part of its events (send it again)")
                 entry.task = SIDE_TASKS[payload.kind](payload, self.engine.decoder, self.engine.tokenizer,
                                                       self.engine.eos_token_ids)
             else:
+                resumed = [TokenEvent.model_validate(event.data).token for event in sent if event.type == "token"]
                 entry.sequence = Sequence(job.id, payload.prompt_ids, payload.sampling, self.engine.tokenizer)
-                self.engine.add(entry.sequence)
+                self.engine.add(entry.sequence, resumed)
+        except ResumeError as exc:
+            self.fail(entry, "job_lost", str(exc), sys.exc_info())
+            return
         except (KeyError, TypeError, ValueError, ValidationError) as exc:
             self.fail(entry, "invalid_job", str(exc), sys.exc_info())
             return
         self.running[job.id] = entry
+
+    def events_already_sent(self, entry: RunningJob) -> list[Event]:
+        """The events a job published before its worker died (none for a new job); numbering goes on after them."""
+        sent = read_backlog(self.connection, entry.job.id)
+        entry.publisher.next_id = len(sent) + 1
+        if sent:
+            self.log.warning("Worker %s: job %s resumes after %d events (its previous worker died)", self.name,
+                             entry.job.id, len(sent))
+        return sent
 
     def check_cancellations(self) -> None:
         """Cancel sequences whose client left or asked to stop, and those past their job timeout."""
@@ -177,6 +214,8 @@ class BatchingWorker(SimpleWorker):
                 token = TokenEvent(token=update.token, text=update.text, index=update.index)
                 events.append((self.running[update.sequence.id].publisher, token))
         publish_many(self.connection, events)
+        if self.settings.crash_after_tokens and any(u.index + 1 >= self.settings.crash_after_tokens for u in updates):
+            os._exit(137)  # test-only fault hook (CRASH_AFTER_TOKENS): die as a SIGKILL would, nothing cleaned up
         for update in updates:
             if update.finished:
                 self.settle(self.running[update.sequence.id])
@@ -229,27 +268,22 @@ class BatchingWorker(SimpleWorker):
             self.fail(entry, "timeout", str(exc), sys.exc_info())
 
     def fail(self, entry: RunningJob, error_type: str, message: str, exc_info) -> None:
-        """Publish an `error` event and mark the job failed in RQ."""
+        """Publish an `error` event and mark the job failed in RQ (never retried: its retries are for recovery)."""
         self.running.pop(entry.job.id, None)
+        entry.job.retries_left = 0
         self._finalize_failure(entry.job, entry.queue, entry.execution, exc_info)
         entry.publisher.publish(ErrorBody.of(error_type, message))
+
+    def drop(self, entry: RunningJob) -> None:
+        """Leave RQ's started registry for a job that has already ended, publishing nothing."""
+        with self.connection.pipeline() as pipeline:
+            self.cleanup_execution(entry.job, pipeline=pipeline, execution=entry.execution)
+            pipeline.execute()
 
     def cancel(self, entry: RunningJob) -> None:
         """Publish a `cancelled` error event and move the job to RQ's canceled registry."""
         self.running.pop(entry.job.id, None)
-        with self.connection.pipeline() as pipeline:
-            self.cleanup_execution(entry.job, pipeline=pipeline, execution=entry.execution)
-            pipeline.execute()
+        self.drop(entry)
         if not entry.job.is_canceled:  # DELETE may have cancelled it in RQ already
             entry.job.cancel()
         entry.publisher.publish(ErrorBody.of("cancelled", "the job was cancelled"))
-
-    def keep_heartbeats(self) -> None:
-        """Refresh the worker's and every running job's heartbeat every few seconds."""
-        if time.monotonic() - self._last_heartbeat < HEARTBEAT_INTERVAL_S:
-            return
-        self._last_heartbeat = time.monotonic()
-        for entry in self.running.values():
-            self.maintain_heartbeats(entry.job, entry.execution)
-        if not self.running:
-            self.heartbeat()

@@ -9,6 +9,7 @@ from rq.serializers import JSONSerializer
 
 from shared.exceptions import NoWorkerError
 from shared.protocol import JOB_FUNCTION, GenerationJob
+from shared.recovery import retry_policy
 from shared.settings import BACKENDS, Settings
 
 DEAD_STATES = frozenset({"dead"})
@@ -53,6 +54,7 @@ def submit(connection: redis.Redis, job: GenerationJob, settings: Settings) -> N
         result_ttl=settings.backlog_ttl_s,
         failure_ttl=settings.backlog_ttl_s,
         description=describe(job),
+        retry=retry_policy(settings),  # a job whose worker dies resumes on another (shared/recovery.py)
     )
 
 
@@ -67,7 +69,8 @@ def submit_many(connection: redis.Redis, pipeline: Pipeline, jobs: list[Generati
     for job in jobs:
         by_pool.setdefault(job.backend, []).append(Queue.prepare_data(
             JOB_FUNCTION, kwargs={"payload": job.model_dump(mode="json")}, job_id=job.job_id,
-            timeout=settings.job_timeout_s, result_ttl=keep_s, failure_ttl=keep_s, description=describe(job)))
+            timeout=settings.job_timeout_s, result_ttl=keep_s, failure_ttl=keep_s, description=describe(job),
+            retry=retry_policy(settings)))
     for pool, data in by_pool.items():
         Queue(pool, connection=connection, serializer=JSONSerializer).enqueue_many(data, pipeline=pipeline)
 

@@ -9,9 +9,11 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import JOB_ID_PATTERN, Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from api.jobs.routing import live_workers
 from shared.events import Event, EventPublisher, backlog_key, cancel_key, follow
 from shared.exceptions import NotFoundError
 from shared.protocol import ErrorBody
+from shared.recovery import recover_abandoned
 from shared.settings import Settings
 
 GONE_STATUSES = frozenset({JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED})
@@ -36,18 +38,34 @@ def require_known(connection: redis.Redis, job_id: str) -> Job | None:
     return job
 
 
-def alive_check(connection: redis.Redis, job_id: str) -> Callable[[], bool]:
-    """`is_alive` for `shared.events.follow`: False once the RQ job failed, stopped, was cancelled or vanished."""
+def alive_check(connection: redis.Redis, job_id: str, settings: Settings) -> Callable[[], bool]:
+    """`is_alive` for `shared.events.follow`, asked while the job's stream is silent.
+
+    It first recovers the pool's jobs whose worker died (this one is then requeued to resume elsewhere).
+    False once the RQ job failed, stopped, was cancelled or vanished, and when no worker of its pool is
+    left to run it: the job is then cancelled with a `no_worker` error event, so no client waits for nobody.
+    """
     def is_alive() -> bool:
         job = fetch_job(connection, job_id)
-        return job is not None and job.get_status(refresh=False) not in GONE_STATUSES
+        if job is None:
+            return False
+        recover_abandoned(connection, job.origin, settings)
+        status = job.get_status(refresh=True)
+        if status in GONE_STATUSES:
+            return False
+        if status != JobStatus.QUEUED or live_workers(connection, job.origin):
+            return True  # running, or waiting for a live worker (a dead worker's job is recovered first)
+        end_job(connection, job_id, settings, ErrorBody.of("no_worker", (
+            f"no live worker is left in the '{job.origin}' pool to run the job (the last one stopped "
+            f"heart-beating for WORKER_DEAD_S); the job is cancelled")))
+        return False
     return is_alive
 
 
 def follow_job(connection: redis.Redis, job_id: str, settings: Settings, after_id: int = 0) -> Iterator[Event | None]:
-    """`shared.events.follow` for a job, ending with an error event if its RQ job fails or vanishes."""
+    """`shared.events.follow` for a job, ending with an error event if it fails, vanishes or has no worker."""
     return follow(connection, job_id, after_id, keepalive_s=settings.keepalive_s,
-                  is_alive=alive_check(connection, job_id))
+                  is_alive=alive_check(connection, job_id, settings), check_every_s=min(2.0, settings.keepalive_s))
 
 
 def last_event(connection: redis.Redis, job_id: str) -> Event | None:
@@ -62,18 +80,25 @@ def request_cancel(connection: redis.Redis, job_id: str, settings: Settings) -> 
     The cancel key tells a worker running the job to end it. A job still waiting in its queue is
     cancelled in RQ right away and gets a terminal `cancelled` error event, so its streams end now.
     """
+    ended = end_job(connection, job_id, settings, ErrorBody.of("cancelled", "the job was cancelled before it started"))
+    return "cancelled" if ended else "cancelling"
+
+
+def end_job(connection: redis.Redis, job_id: str, settings: Settings, error: ErrorBody) -> bool:
+    """Stop a job for good: a running one through its cancel key; a queued one at once, in RQ, with `error`
+    as its terminal event. Returns whether it was still queued (and so has ended now)."""
     connection.set(cancel_key(job_id), "1", ex=max(settings.job_timeout_s, settings.backlog_ttl_s))
     job = fetch_job(connection, job_id)
     if job is None or job.get_status(refresh=False) != JobStatus.QUEUED:
-        return "cancelling"
+        return False
     try:
         job.cancel()
     except InvalidJobOperation:  # cancelled by a concurrent request in the meantime
-        return "cancelling"
+        return False
     publisher = EventPublisher(connection, job_id, settings.backlog_ttl_s)
     publisher.next_id = connection.llen(backlog_key(job_id)) + 1
-    publisher.publish(ErrorBody.of("cancelled", "the job was cancelled before it started"))
-    return "cancelled"
+    publisher.publish(error)
+    return True
 
 
 def describe(connection: redis.Redis, job_id: str) -> dict:

@@ -63,7 +63,7 @@ class Engine:
         if not self.waiting:
             return True
         return (self.prefilling is None and self._can_admit(self.waiting[0], [])
-                and sum(len(s.prompt_ids) for s in self.waiting) < self.prefill_chunk)
+                and sum(len(s.prefill_ids) for s in self.waiting) < self.prefill_chunk)
 
     def _can_admit(self, sequence: Sequence, joining: list[Sequence]) -> bool:
         """Whether `sequence` fits beside the running ones and those `joining` in this step."""
@@ -71,9 +71,17 @@ class Engine:
         return (len(self.running) + len(joining) < self.decoder.max_batch_size
                 and reserved <= self.max_tokens_in_flight)
 
-    def add(self, sequence: Sequence) -> None:
-        """Queue a sequence; it is admitted at a following step."""
+    def add(self, sequence: Sequence, resumed_ids: Iterable[int] = ()) -> None:
+        """Queue a sequence; it is admitted at a following step.
+
+        `resumed_ids` are tokens the sequence's previous worker generated and sent before it died. They are
+        replayed as if just sampled (sampler memory, detokenizer, stop filter, stop checks) and prefilled with
+        the prompt, so the sequence goes on exactly where its stream stopped.
+        """
         self.check_fits(len(sequence.prompt_ids), sequence.params.max_tokens)
+        for token in resumed_ids:
+            self._accept(sequence, token)
+        sequence.prefill_ids = sequence.prompt_ids + sequence.output_ids
         self.waiting.append(sequence)
 
     def cancel(self, sequence_id: str) -> bool:
@@ -114,7 +122,7 @@ class Engine:
         group: list[Sequence] = []
         budget = self.prefill_chunk
         while self.waiting and self._can_admit(self.waiting[0], group):
-            prompt_length = len(self.waiting[0].prompt_ids)
+            prompt_length = len(self.waiting[0].prefill_ids)
             if prompt_length > self.prefill_chunk:
                 if not group:
                     self.prefilling = self.waiting.popleft()
@@ -129,19 +137,19 @@ class Engine:
     def _prefill_group(self, group: list[Sequence]) -> list[Update]:
         """Prefill short prompts in one padded pass; they join the running batch at once."""
         first = len(self.running)
-        logits = self.decoder.prefill_many(first, [s.prompt_ids for s in group])
+        logits = self.decoder.prefill_many(first, [s.prefill_ids for s in group])
         for offset, sequence in enumerate(group):
-            sequence.slot, sequence.prefilled = first + offset, len(sequence.prompt_ids)
+            sequence.slot, sequence.prefilled = first + offset, len(sequence.prefill_ids)
             self.running.append(sequence)
         tokens = sample(logits, [s.sampling for s in group])
         return [self._accept(sequence, token) for sequence, token in zip(group, tokens)]
 
     def _prefill_chunk(self) -> list[Update]:
         sequence = self.prefilling
-        chunk = sequence.prompt_ids[sequence.prefilled: sequence.prefilled + self.prefill_chunk]
+        chunk = sequence.prefill_ids[sequence.prefilled: sequence.prefilled + self.prefill_chunk]
         logits = self.decoder.prefill(sequence.slot, chunk, start=sequence.prefilled)
         sequence.prefilled += len(chunk)
-        if sequence.prefilled < len(sequence.prompt_ids):
+        if sequence.prefilled < len(sequence.prefill_ids):
             return []
         self.prefilling = None
         self.running.append(sequence)
@@ -174,7 +182,8 @@ class Engine:
     # -- retiring ------------------------------------------------------------------------------------
 
     def _retire_cancelled(self) -> list[Update]:
-        updates = []
+        """End sequences asked to stop, and those whose resumed tokens already ended them (see `add`)."""
+        updates = [Update(s, None, "", True) for s in self.waiting if s.finished]
         for sequence in [s for s in (*self.active, *self.waiting) if s.cancel_requested and not s.finished]:
             sequence.finish_reason = FinishReason.CANCELLED
             updates.append(Update(sequence, None, "", True))

@@ -34,6 +34,8 @@ class Sequence:
         self.detokenizer = IncrementalDetokenizer(tokenizer)
         self.stop_filter = StopFilter(params.stop)
         self.output_ids: list[int] = []
+        self.prefill_ids = self.prompt_ids
+        """What is prefilled before the first new token: the prompt, and the tokens a resumed sequence sent."""
         self.prefilled = 0
         self.slot: int | None = None
         self.finish_reason: FinishReason | None = None
