@@ -105,6 +105,18 @@ class BatchingWorker(SimpleWorker):
     def heartbeat(self, timeout: int | None = None, pipeline=None) -> None:
         super().heartbeat(self.settings.worker_dead_s, pipeline=pipeline)
 
+    def register_birth(self) -> None:
+        super().register_birth()
+        self.heartbeat()  # RQ gives a newborn's key worker_ttl + 60 s; ours lives WORKER_DEAD_S from the start
+
+    def ensure_registered(self) -> None:
+        """Register again if this worker's record is gone (Redis restarted empty, or the worker was frozen
+        past WORKER_DEAD_S and counted dead): a live worker must be seen, and routed to, again."""
+        if not self.connection.hexists(self.key, "birth"):
+            self.log.warning("Worker %s: its registration had lapsed; registering again", self.name)
+            self.connection.delete(self.key)
+            self.register_birth()
+
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.settings.worker_dead_s
 

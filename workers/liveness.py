@@ -46,6 +46,7 @@ class Liveness(threading.Thread):
 
     def beat(self) -> None:
         """Refresh the worker's key and the execution heartbeat of every job it runs."""
+        self.worker.ensure_registered()
         running = list(self.worker.running.values())  # the main thread adds and removes entries meanwhile
         for entry in running:
             self.worker.maintain_heartbeats(entry.job, entry.execution)
