@@ -50,6 +50,7 @@ class Settings:
     batch_ttl_s: int = 3600  # how long a batch's record and its jobs' results stay readable
     worker_dead_s: int = 10  # a worker silent this long is dead: it stops counting and its jobs are recovered
     max_recoveries: int = 2  # times a job whose worker died is resumed on another before it fails
+    drain_s: float = 30.0  # on SIGTERM a worker finishes its jobs for this long, then hands the rest back
     crash_after_tokens: int = 0  # test-only fault hook: a worker exits abruptly once a job has this many tokens
 
     @classmethod

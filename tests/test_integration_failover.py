@@ -154,3 +154,28 @@ def test_a_job_that_kills_every_worker_it_lands_on_fails_after_max_recoveries(fl
     assert [e.data["index"] for e in tokens] == list(range(len(tokens))) and len(tokens) >= 7
     assert [e.id for e in events] == list(range(1, len(events) + 1))
     assert live_cpu_workers(fleet) == 0
+    for number in range(3):
+        assert fleet.processes.pop(f"crashing-{number}").wait(timeout=10) == 137  # died on purpose
+
+
+def test_sigterm_drains_then_hands_back_a_stream_longer_than_drain_s(fleet):
+    env = {**fleet.env, "DRAIN_S": "2"}
+    for number in range(2):
+        fleet.start("cpu", env, name=f"draining-{number}")
+    fleet.wait_for_workers("cpu", 2)
+    reference = requests.post(fleet.url("/generate"), json=greedy(150), timeout=300).json()
+    with requests.post(fleet.url("/stream"), json=greedy(150), stream=True, timeout=300) as response:
+        job_id = response.headers["X-Job-Id"]
+        events, exit_code, live_during_drain = [], None, None
+        for event in iter_events(response):
+            events.append(event)
+            if len(events) == 10:
+                holder = worker_pid(fleet, job_id)
+                os.kill(holder, signal.SIGTERM)
+                live_during_drain = live_cpu_workers(fleet)
+                process = next(p for p in fleet.processes.values() if p.pid == holder)
+                exit_code = process.wait(timeout=2 + 15)  # DRAIN_S, then the hand-back
+    assert live_during_drain == 1, "a draining worker must stop counting at once"
+    assert exit_code == 0
+    assert [e.id for e in events] == list(range(1, len(events) + 1))
+    assert events[-1].event == "done" and events[-1].data["output_text"] == reference["output_text"]

@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from rq import worker_registration
 from rq.executions import Execution
 from rq.job import Job
 from rq.queue import Queue
@@ -69,6 +70,8 @@ class BatchingWorker(SimpleWorker):
         self.engine: Engine | None = None
         self.running: dict[str, RunningJob] = {}
         self.liveness: Liveness | None = None
+        self.draining_since: float | None = None  # monotonic time of the SIGTERM that started a drain
+        self.hand_back_now = False  # a second signal: hand the running jobs back without waiting
 
     def build_decoder(self) -> Decoder:
         """The pool's decoder with its weights loaded."""
@@ -112,7 +115,7 @@ class BatchingWorker(SimpleWorker):
     def ensure_registered(self) -> None:
         """Register again if this worker's record is gone (Redis restarted empty, or the worker was frozen
         past WORKER_DEAD_S and counted dead): a live worker must be seen, and routed to, again."""
-        if not self.connection.hexists(self.key, "birth"):
+        if self.draining_since is None and not self.connection.hexists(self.key, "birth"):
             self.log.warning("Worker %s: its registration had lapsed; registering again", self.name)
             self.connection.delete(self.key)
             self.register_birth()
@@ -127,6 +130,9 @@ class BatchingWorker(SimpleWorker):
         self.admit(job, queue)
         try:
             while self.engine.has_work or self.side_tasks():
+                if self.drain_is_over():
+                    self.hand_back()
+                    break
                 if not self._stop_requested:
                     self.admit_queued_jobs()
                 self.check_cancellations()
@@ -140,6 +146,39 @@ class BatchingWorker(SimpleWorker):
             self.engine = self.engine_for(self.engine.decoder)  # the model stays loaded
         finally:
             self.set_state(WorkerStatus.IDLE)
+
+    # -- draining: SIGTERM (a redeploy, a scale-down) ------------------------------------------------------
+
+    def request_stop(self, signum, frame) -> None:
+        """Drain: at once stop counting as live and take no more jobs, finish the running ones for up to
+        DRAIN_S, then hand the rest back. RQ's warm shutdown does the middle part; RQ sends a second signal
+        to `request_force_stop`."""
+        self.log.warning("Worker %s: draining for up to %.0f s (a second signal hands jobs back now)", self.name,
+                         self.settings.drain_s)
+        self.draining_since = time.monotonic()
+        worker_registration.unregister(self)  # /health and routing stop counting it now
+        super().request_stop(signum, frame)
+
+    def request_force_stop(self, signum, frame) -> None:
+        """A second SIGTERM or SIGINT: hand the running jobs back at the next step, then exit."""
+        self.hand_back_now = True
+
+    def drain_is_over(self) -> bool:
+        """Whether a drain has run out of time (or was cut short) with jobs still running."""
+        if self.draining_since is None:
+            return False
+        return self.hand_back_now or time.monotonic() - self.draining_since >= self.settings.drain_s
+
+    def hand_back(self) -> None:
+        """Put every running job back at the front of its queue; another worker resumes it where it stopped
+        (the events sent so far stay in its backlog), as after a worker's death but without the wait."""
+        for entry in list(self.running.values()):
+            self.running.pop(entry.job.id)
+            self.drop(entry)
+            entry.queue.enqueue_job(entry.job, at_front=True)
+            self.log.warning("Worker %s: handed job %s back to the %s queue", self.name, entry.job.id,
+                             entry.queue.name)
+        self.engine = self.engine_for(self.engine.decoder)
 
     def admit_queued_jobs(self) -> None:
         """Take queued jobs without blocking while the batch has a free slot."""
