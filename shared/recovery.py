@@ -46,8 +46,19 @@ def recover_abandoned(connection: redis.Redis, pool: str, settings: Settings) ->
         connection.delete(lock)
 
 
+def forget_executions(connection: redis.Redis, job: Job) -> None:
+    """Drop the job's record of executions that are not running any more.
+
+    RQ keeps an execution's id in the job's execution registry 60 s longer than the execution itself lives,
+    and `job.cancel()` fails on an id whose execution has expired; with heartbeats as short as WORKER_DEAD_S
+    a dead worker's execution leaves exactly such an id. Call only when no execution of the job is running.
+    """
+    connection.delete(job.execution_registry.key)
+
+
 def _report(connection: redis.Redis, job: Job, settings: Settings) -> None:
     """Log a recovered job; publish `job_lost` for one that will not be retried again."""
+    forget_executions(connection, job)  # its worker is dead: none of its executions runs
     if job.retries_left:
         log.warning("job %s: its worker %s stopped heart-beating; requeued to resume (%d recoveries left)",
                     job.id, job.worker_name, job.retries_left - 1)

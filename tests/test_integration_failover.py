@@ -32,36 +32,50 @@ PROMPT = "1, 2, 3, 4, 5,"
 """Greedy, SmolLM2 counts on for as long as it is asked to: a stream long enough to kill a worker in."""
 
 
+class RedisServer:
+    """A redis-server of the module's own on a spare port, without persistence, that a test may restart."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                                         "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis.from_url(self.url).ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
 @pytest.fixture(scope="module")
-def redis_url():
-    """A redis-server of this module's own on a spare port, stopped at the end."""
+def redis_server():
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
-    port = free_port()
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no"], stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            redis.Redis.from_url(url).ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-    yield url
-    server.terminate()
-    server.wait(timeout=10)
+    server = RedisServer()
+    server.start()
+    yield server
+    if server.process.poll() is None:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
-def fleet(redis_url):
+def fleet(redis_server):
     """gunicorn and two CPU workers (eager decoding, one thread each: quick to start on two cores)."""
     port = free_port()
-    env = service_environment(port, REDIS_URL=redis_url, WORKER_DEAD_S=str(WORKER_DEAD_S), KEEPALIVE_S="1",
+    env = service_environment(port, REDIS_URL=redis_server.url, WORKER_DEAD_S=str(WORKER_DEAD_S), KEEPALIVE_S="1",
                               COMPILE_DECODE="0", TORCH_THREADS="1", MAX_SEQ_LEN="512")
-    running = Service(f"http://127.0.0.1:{port}", redis.Redis.from_url(redis_url), {}, {})
+    running = Service(f"http://127.0.0.1:{port}", redis.Redis.from_url(redis_server.url), {}, {})
     running.env = env
     try:
         running.start("web", env)
@@ -179,3 +193,27 @@ def test_sigterm_drains_then_hands_back_a_stream_longer_than_drain_s(fleet):
     assert exit_code == 0
     assert [e.id for e in events] == list(range(1, len(events) + 1))
     assert events[-1].event == "done" and events[-1].data["output_text"] == reference["output_text"]
+
+
+def test_after_a_redis_outage_the_fleet_serves_again_without_a_restart(fleet, redis_server):
+    fleet.start("cpu", fleet.env, name="outage")
+    fleet.wait_for_workers("cpu", 2)  # with the worker left from the drain test: one busy, one idle
+    with requests.post(fleet.url("/stream"), json=greedy(300), stream=True, timeout=300) as response:
+        events = iter_events(response)
+        next(events)
+        redis_server.stop()
+        stopped_at = time.monotonic()
+        rest = list(events)
+    assert rest[-1].event == "error" and rest[-1].data["error"]["type"] == "unavailable", rest[-1].data
+    outage_left_s = 10 - (time.monotonic() - stopped_at)
+    time.sleep(max(0.0, outage_left_s))  # the outage itself: Redis stays down for 10 s
+    assert requests.get(fleet.url("/health"), timeout=5).status_code == 503
+    redis_server.start()  # empty: no persistence, as the shared test Redis runs
+    back_at = time.monotonic()
+    while live_cpu_workers(fleet) < 2:  # both workers register again by themselves
+        assert time.monotonic() - back_at < 5 + 2, "the workers did not register again"
+        time.sleep(0.1)
+    answer = requests.post(fleet.url("/generate"), json=greedy(8), timeout=60)
+    assert answer.status_code == 200 and answer.json()["finish_reason"] == "length"
+    fleet.check_alive()  # no process was restarted, none died
+

@@ -74,3 +74,21 @@ def test_one_process_recovers_a_pool_at_a_time(connection):
     start_on_a_worker_that_then_dies(connection, "abc")
     recover_abandoned(connection, "cpu", SETTINGS)
     assert Queue("cpu", connection=connection).fetch_job("abc").get_status() == JobStatus.STARTED
+
+
+def test_a_resumed_job_can_be_cancelled_once_its_dead_execution_has_expired(connection):
+    submit(connection, GenerationJob(job_id="abc", prompt_ids=[1], sampling=SamplingParams()), SETTINGS)
+    start_on_a_worker_that_then_dies(connection, "abc")
+    for key in connection.scan_iter("rq:execution:*"):
+        connection.delete(key)  # the dead worker's execution expired (RQ lists its id 60 s longer)
+    recover_abandoned(connection, "cpu", SETTINGS)
+    queue = Queue("cpu", connection=connection, serializer=JSONSerializer)
+    worker = SimpleWorker([queue], connection=connection, serializer=JSONSerializer)
+    job, _ = Queue.dequeue_any([queue], None, connection=connection, serializer=JSONSerializer)
+    execution = worker.prepare_execution(job)  # another worker resumes it
+    worker.prepare_job_execution(job)
+    with connection.pipeline() as pipeline:  # then its client cancels it: what BatchingWorker.cancel does
+        worker.cleanup_execution(job, pipeline=pipeline, execution=execution)
+        pipeline.execute()
+    job.cancel()
+    assert job.get_status() == JobStatus.CANCELED

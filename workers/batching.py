@@ -15,6 +15,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import worker_registration
 from rq.executions import Execution
 from rq.job import Job
@@ -28,6 +30,7 @@ from shared.events import Event, EventPublisher, cancel_key, publish_many, read_
 from shared.exceptions import ConfigurationError, ValidationError
 from shared.model_files import force_offline
 from shared.protocol import DoneEvent, ErrorBody, GenerationJob, TokenEvent, Usage
+from shared.recovery import forget_executions
 from shared.settings import Settings
 from shared.tokenizer import load_tokenizer
 from workers.engine.decoder import Decoder
@@ -35,6 +38,11 @@ from workers.engine.engine import Engine
 from workers.engine.sequence import FinishReason, Sequence, Update
 from workers.features.tasks import SIDE_TASKS, BeamTask, ScoreTask
 from workers.liveness import Liveness
+
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+
+REDIS_RETRY_MAX_S = 2.0
+"""Longest wait between two tries to reach Redis while it is gone, so a worker serves within seconds of its return."""
 
 MAX_SIDE_TASKS = 2
 """Beam searches and scoring jobs a worker runs at once (each holds a cache of its own)."""
@@ -61,6 +69,8 @@ class RunningJob:
 
 class BatchingWorker(SimpleWorker):
     """Continuous batching inside one RQ worker process. Subclasses say how to build the decoder."""
+
+    max_connection_wait_time = REDIS_RETRY_MAX_S  # RQ's idle loop backs off up to 60 s by default
 
     def __init__(self, *args, settings: Settings | None = None, **kwargs):
         kwargs["serializer"] = JSONSerializer  # payloads are JSON; never unpickle what is in Redis
@@ -139,6 +149,12 @@ class BatchingWorker(SimpleWorker):
                 if self.engine.has_work:
                     self.publish(self.engine.step())
                 self.step_side_tasks()
+        except REDIS_DOWN as exc:  # nothing can be published now: leave the jobs to recovery, wait, serve on
+            self.log.error("Worker %s: Redis stopped answering mid-batch (%s); %d running jobs are left to "
+                           "recovery", self.name, exc, len(self.running))
+            self.running.clear()
+            self.engine = self.engine_for(self.engine.decoder)
+            self.wait_for_redis()
         except Exception:  # a bug in a step must not strand clients: fail what is running, keep serving
             self.log.exception("Worker %s: batch step failed", self.name)
             for entry in list(self.running.values()):
@@ -146,6 +162,18 @@ class BatchingWorker(SimpleWorker):
             self.engine = self.engine_for(self.engine.decoder)  # the model stays loaded
         finally:
             self.set_state(WorkerStatus.IDLE)
+
+    def wait_for_redis(self) -> None:
+        """Block until Redis answers again, retrying every REDIS_RETRY_MAX_S at most."""
+        wait_s = 0.25
+        while True:
+            try:
+                self.connection.ping()
+                self.log.warning("Worker %s: Redis answers again", self.name)
+                return
+            except REDIS_DOWN:
+                time.sleep(wait_s)
+                wait_s = min(2 * wait_s, REDIS_RETRY_MAX_S)
 
     # -- draining: SIGTERM (a redeploy, a scale-down) ------------------------------------------------------
 
@@ -335,6 +363,7 @@ class BatchingWorker(SimpleWorker):
         """Publish a `cancelled` error event and move the job to RQ's canceled registry."""
         self.running.pop(entry.job.id, None)
         self.drop(entry)
+        forget_executions(self.connection, entry.job)  # a resumed job's dead executions would fail cancel()
         if not entry.job.is_canceled:  # DELETE may have cancelled it in RQ already
             entry.job.cancel()
         entry.publisher.publish(ErrorBody.of("cancelled", "the job was cancelled"))

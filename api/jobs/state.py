@@ -13,7 +13,7 @@ from api.jobs.routing import live_workers
 from shared.events import Event, EventPublisher, backlog_key, cancel_key, follow
 from shared.exceptions import NotFoundError
 from shared.protocol import ErrorBody
-from shared.recovery import recover_abandoned
+from shared.recovery import forget_executions, recover_abandoned
 from shared.settings import Settings
 
 GONE_STATUSES = frozenset({JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED})
@@ -91,6 +91,7 @@ def end_job(connection: redis.Redis, job_id: str, settings: Settings, error: Err
     job = fetch_job(connection, job_id)
     if job is None or job.get_status(refresh=False) != JobStatus.QUEUED:
         return False
+    forget_executions(connection, job)  # queued: none of its executions runs
     try:
         job.cancel()
     except InvalidJobOperation:  # cancelled by a concurrent request in the meantime
