@@ -187,8 +187,8 @@ def test_sigterm_drains_then_hands_back_a_stream_longer_than_drain_s(fleet):
                 holder = worker_pid(fleet, job_id)
                 os.kill(holder, signal.SIGTERM)
                 live_during_drain = live_cpu_workers(fleet)
-                process = next(p for p in fleet.processes.values() if p.pid == holder)
-                exit_code = process.wait(timeout=2 + 15)  # DRAIN_S, then the hand-back
+                name = next(name for name, p in fleet.processes.items() if p.pid == holder)
+                exit_code = fleet.processes.pop(name).wait(timeout=2 + 15)  # DRAIN_S, then the hand-back
     assert live_during_drain == 1, "a draining worker must stop counting at once"
     assert exit_code == 0
     assert [e.id for e in events] == list(range(1, len(events) + 1))
