@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -19,7 +20,9 @@ import redis
 import requests
 from rq import Worker
 from rq.job import Job
+from rq.registry import StartedJobRegistry
 
+from shared.events import backlog_key
 from tests.service_fixtures import Service, free_port, service_environment
 from tests.sse_client import iter_events
 
@@ -137,6 +140,34 @@ def test_a_stream_whose_worker_is_killed_finishes_on_the_other_worker(fleet):
         assert [e.id for e in iter_events(resumed)] == [e.id for e in events[5:]]
 
 
+def test_blocking_generate_and_batch_items_complete_across_a_worker_kill(fleet):
+    assert live_cpu_workers(fleet) == 1
+    reference = requests.post(fleet.url("/generate"), json=greedy(60), timeout=300).json()
+    answers: dict = {}
+    blocking = threading.Thread(target=lambda: answers.update(
+        generate=requests.post(fleet.url("/generate"), json=greedy(60), timeout=300)))
+    blocking.start()
+    batch = requests.post(fleet.url("/generate_batch"), json={"prompts": [PROMPT, PROMPT], "max_tokens": 60,
+                                                              "temperature": 0, "wait": False}, timeout=30).json()
+    started = StartedJobRegistry("cpu", connection=fleet.redis)
+    deadline = time.monotonic() + 120
+    while not (len(ids := started.get_job_ids()) == 3 and all(fleet.redis.llen(backlog_key(i)) >= 5 for i in ids)):
+        assert time.monotonic() < deadline, "the three jobs did not start on the one worker"
+        time.sleep(0.05)
+    holder = worker_pid(fleet, ids[0])
+    fleet.start("cpu", fleet.env, name="cpu-3")
+    fleet.wait_for_workers("cpu", 2)
+    kill(fleet, holder)
+    blocking.join(timeout=300)
+    answer = answers["generate"]
+    assert answer.status_code == 200 and answer.json()["output_ids"] == reference["output_ids"]
+    deadline = time.monotonic() + 120
+    while (status := requests.get(fleet.url(f"/batches/{batch['batch_id']}"), timeout=10).json())["status"] != "done":
+        assert time.monotonic() < deadline, status
+        time.sleep(0.2)
+    assert [result["output_ids"] for result in status["results"]] == [reference["output_ids"]] * 2
+
+
 def test_when_the_last_worker_dies_open_streams_end_with_no_worker(fleet):
     with requests.post(fleet.url("/stream"), json=greedy(400), stream=True, timeout=300) as response:
         job_id = response.headers["X-Job-Id"]
@@ -193,6 +224,32 @@ def test_sigterm_drains_then_hands_back_a_stream_longer_than_drain_s(fleet):
     assert exit_code == 0
     assert [e.id for e in events] == list(range(1, len(events) + 1))
     assert events[-1].event == "done" and events[-1].data["output_text"] == reference["output_text"]
+
+
+def test_a_second_sigterm_hands_back_at_once(fleet):
+    for name in [name for name in fleet.processes if name.startswith("draining")]:  # DRAIN_S 2: not this test's
+        os.kill(fleet.processes[name].pid, signal.SIGTERM)
+        assert fleet.processes.pop(name).wait(timeout=30) == 0  # idle: it leaves at once
+    env = {**fleet.env, "DRAIN_S": "120"}
+    for number in range(2):
+        fleet.start("cpu", env, name=f"patient-{number}")
+    fleet.wait_for_workers("cpu", 2)
+    with requests.post(fleet.url("/stream"), json=greedy(300), stream=True, timeout=300) as response:
+        job_id = response.headers["X-Job-Id"]
+        events, exit_code, took = [], None, None
+        for event in iter_events(response):
+            events.append(event)
+            if len(events) == 10:
+                holder = worker_pid(fleet, job_id)
+                name = next(name for name, p in fleet.processes.items() if p.pid == holder)
+                os.kill(holder, signal.SIGTERM)
+                time.sleep(1.5)  # RQ ignores a second signal within a second of the first (a pool's echo)
+                signalled_at = time.monotonic()
+                os.kill(holder, signal.SIGTERM)
+                exit_code = fleet.processes.pop(name).wait(timeout=30)
+                took = time.monotonic() - signalled_at
+    assert exit_code == 0 and took < 10, f"exit {exit_code} after {took} s, DRAIN_S is 120"
+    assert [e.id for e in events] == list(range(1, len(events) + 1)) and events[-1].event == "done"
 
 
 def test_after_a_redis_outage_the_fleet_serves_again_without_a_restart(fleet, redis_server):
