@@ -125,7 +125,9 @@ class BatchingWorker(SimpleWorker):
     def ensure_registered(self) -> None:
         """Register again if this worker's record is gone (Redis restarted empty, or the worker was frozen
         past WORKER_DEAD_S and counted dead): a live worker must be seen, and routed to, again."""
-        if self.draining_since is None and not self.connection.hexists(self.key, "birth"):
+        if self.birth_date is None or self.draining_since is not None:
+            return  # RQ has not registered it yet (it does so first thing), or it is leaving on purpose
+        if not self.connection.hexists(self.key, "birth"):
             self.log.warning("Worker %s: its registration had lapsed; registering again", self.name)
             self.connection.delete(self.key)
             self.register_birth()
