@@ -29,6 +29,8 @@ BAD_BODIES = [
     pytest.param({"prompt": "hi", "top_k": -1}, "top_k", id="top-k-negative"),
     pytest.param({"prompt": "hi", "top_p": 0}, "top_p", id="top-p-zero"),
     pytest.param({"prompt": "hi", "repetition_penalty": 0}, "repetition_penalty", id="penalty-zero"),
+    pytest.param({"prompt": "hi", "repetition_penalty": 1e-300}, "repetition_penalty", id="penalty-degenerate"),
+    pytest.param(b'{"prompt": "hi", "stop": ' + b"[" * 1000 + b"]" * 1000 + b"}", "body", id="deep-nesting"),
     pytest.param({"prompt": "hi", "seed": -5}, "seed", id="seed-negative"),
     pytest.param({"prompt": "hi", "stop": 7}, "stop", id="stop-number"),
     pytest.param({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop", id="too-many-stops"),
@@ -92,3 +94,12 @@ def test_oversized_body_is_a_413_in_the_error_shape(client):
     response = client.post("/generate", data=b"x" * (2 << 20), content_type="application/json")
     assert response.status_code == 413
     assert response.json["error"]["type"] == "request_entity_too_large"
+
+
+@pytest.mark.parametrize("path", ["/tokenize", "/generate_batch", "/chat", "/v1/chat/completions", "/v1/completions"])
+def test_deeply_nested_bodies_are_a_400_on_every_route(client, live_worker, path):
+    live_worker("cpu")
+    response = post(client, path, b'{"a": ' + b"[" * 1000 + b"]" * 1000 + b"}")
+    assert response.status_code == 400
+    error = response.json["error"]
+    assert (error.get("field") or error.get("param")) == "body"

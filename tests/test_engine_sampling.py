@@ -190,3 +190,12 @@ def test_the_earliest_of_several_stop_sequences_wins(tiny_fp32, tiny_tokenizer):
     stopped = run_engine(tiny_fp32, tiny_tokenizer, [prompt], params, eos_token_ids=[])[0]
     assert stopped.finish_reason == FinishReason.STOP
     assert stopped.text == free.text[: min(free.text.index(early), free.text.index(late))]
+
+
+@pytest.mark.parametrize("params", [SamplingParams(top_p=1e-300), SamplingParams(temperature=1e-300),
+                                    SamplingParams(temperature=1e-300, top_p=1e-300, top_k=3)])
+def test_extreme_sampling_values_pick_the_best_token_not_token_zero(params):
+    logits = torch.tensor([[0.5, 3.0, 2.9, -1.0]] * 4)
+    tokens = sample(logits, [SamplingState(params, []) for _ in range(4)])
+    assert tokens == [1, 1, 1, 1]
+

@@ -38,12 +38,14 @@ def check_max_tokens_limit(value: int, info: ValidationInfo) -> int:
 MaxTokens = Annotated[int, Field(ge=1, description="Tokens to generate at most; the server's MAX_NEW_TOKENS_LIMIT "
                                                    "caps it, and prompt + max_tokens must fit the context."),
                       AfterValidator(check_max_tokens_limit)]
-Temperature = Annotated[float, Field(ge=0.0, le=2.0, description="0 is greedy decoding.")]
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, description="0 is greedy decoding; a positive value below "
+                                                                  "0.001 is taken as 0.001.")]
 TopK = Annotated[int, Field(ge=0, le=1_000_000, description="Keep the k most likely tokens; 0 keeps all.")]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, description="Nucleus sampling: the smallest set of tokens "
                                                           "whose probabilities add up to top_p.")]
-RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0, description="Above 1 discourages repeating "
-                                                                        "tokens already in the text.")]
+RepetitionPenalty = Annotated[float, Field(ge=0.01, le=10.0, description="Above 1 discourages repeating tokens "
+                                                                         "already in the text, below 1 favours "
+                                                                         "them.")]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="Makes sampling reproducible.")]
 Stop = Annotated[
     Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],

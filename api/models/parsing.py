@@ -26,6 +26,8 @@ def read_json_object(raw: bytes) -> dict:
     """The request body as a JSON object; malformed JSON, NaN/Infinity and non-objects are refused."""
     try:
         body = json.loads(raw or b"", parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ValidationError("body nests arrays or objects too deeply", field="body") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValidationError(f"body is not valid JSON: {exc}", field="body") from exc
     if not isinstance(body, dict):

@@ -29,6 +29,11 @@ class SamplingState:
             self.seen.add(token)
 
 
+MIN_TEMPERATURE = 1e-3
+"""A smaller positive temperature is clamped to this: dividing logits by 1e-300 gives inf, then NaN; at 1e-3
+sampling is already greedy in effect."""
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: set[int], penalty: float) -> None:
     """transformers' rule, in place: divide positive logits of seen tokens by `penalty`, multiply negative."""
     if not seen:
@@ -47,7 +52,9 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     probs = sorted_logits.softmax(dim=-1)
     # Remove a token when the tokens ranked above it already cover top_p (the best one always stays).
     # Rows with top_p 1 keep everything: rounding lets the cumulative sum pass 1.0 before the tail.
-    outside_p = ((probs.cumsum(dim=-1) - probs) > top_p[:, None]) & (top_p[:, None] < 1.0)
+    # Rank 0 is exempt outright: a top_p below float32's range (1e-300) rounds to 0, and rounding can then
+    # put the best token "outside" too, leaving nothing but -inf (NaN probabilities, token 0 forever).
+    outside_p = ((probs.cumsum(dim=-1) - probs) > top_p[:, None]) & (top_p[:, None] < 1.0) & (ranks > 0)
     sorted_logits = sorted_logits.masked_fill(outside_p, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
@@ -63,7 +70,8 @@ def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[int]:
     if not sampled:
         return tokens
     params = [states[row].params for row in sampled]
-    scaled = logits[sampled] / torch.tensor([p.temperature for p in params])[:, None]
+    temperatures = torch.tensor([max(p.temperature, MIN_TEMPERATURE) for p in params])
+    scaled = logits[sampled] / temperatures[:, None]
     if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
         scaled = filter_top_k_top_p(scaled, torch.tensor([p.top_k for p in params]),
                                     torch.tensor([p.top_p for p in params]))
