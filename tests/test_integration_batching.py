@@ -9,9 +9,10 @@ import pytest
 import requests
 from rq import Queue
 from rq.job import JobStatus
-from rq.registry import StartedJobRegistry
+from rq.registry import CanceledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
+from shared.events import read_backlog
 from tests.sse_client import iter_events
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
@@ -133,3 +134,20 @@ def test_delete_cancels_a_running_job(service):
     response.close()
     assert rest[-1].event == "error" and rest[-1].data["error"]["type"] == "cancelled"
     assert wait_for_status(service, job_id, {JobStatus.CANCELED}) == JobStatus.CANCELED
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/generate", {"prompt": "1, 2, 3, 4, 5,", "max_tokens": 500, "temperature": 0}),
+    ("/v1/completions", {"prompt": "1, 2, 3, 4, 5,", "max_tokens": 500, "temperature": 0}),
+])
+def test_a_client_leaving_a_blocking_call_cancels_its_job(service, path, body):
+    canceled = CanceledJobRegistry("cpu", connection=service.redis)
+    before = set(canceled.get_job_ids())
+    with pytest.raises(requests.ReadTimeout):  # the client gives up and closes its connection
+        requests.post(service.url(path), json=body, timeout=(5, 1.5))
+    deadline = time.monotonic() + 10
+    while not (left := set(canceled.get_job_ids()) - before):
+        assert time.monotonic() < deadline, "the abandoned job was not cancelled"
+        time.sleep(0.1)
+    (job_id,) = left
+    assert len(read_backlog(service.redis, job_id)) < 300, "the abandoned job kept generating"
