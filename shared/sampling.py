@@ -3,7 +3,7 @@ by the worker."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 MAX_STOP_SEQUENCES = 4
 """As in OpenAI's API: at most four stop strings."""
@@ -25,9 +25,3 @@ class SamplingParams:
     def greedy(self) -> bool:
         """Whether the next token is simply the most likely one."""
         return self.temperature == 0.0 or self.top_k == 1
-
-    def to_dict(self) -> dict:
-        """Plain JSON for the job payload."""
-        data = asdict(self)
-        data["stop"] = list(self.stop)
-        return data
