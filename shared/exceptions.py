@@ -42,6 +42,18 @@ class NoWorkerError(ServiceError):
     error_type = "no_worker"
 
 
+class OverloadedError(ServiceError):
+    """Too much work is waiting (the pool's admission bound, or a key's concurrent-request limit): come back
+    after `retry_after_s` seconds, sent as the `Retry-After` header."""
+
+    status = 429
+    error_type = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: int, field: str | None = None):
+        super().__init__(message, field=field)
+        self.retry_after_s = max(1, int(retry_after_s))
+
+
 class NotFoundError(ServiceError):
     """An unknown job or batch id."""
 
