@@ -30,12 +30,12 @@ def context_size(tokenizer: TextTokenizer, settings: Settings) -> int:
 
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
-    """A validated generation request: the prompt, its token ids, sampling and the backend mode asked for."""
+    """A validated generation request: the prompt, its token ids, sampling, and the body (its placement)."""
 
     prompt: str
     prompt_ids: list[int]
     sampling: SamplingParams
-    backend: str
+    body: GenerationBody
 
 
 def parse_generation_request(body: dict, settings: Settings,
@@ -46,7 +46,7 @@ def parse_generation_request(body: dict, settings: Settings,
     loaded = tokenizer()
     prompt_ids = loaded.encode(fields.prompt)
     check_prompt(prompt_ids, sampling.max_tokens, loaded, settings)
-    return GenerationRequest(fields.prompt, prompt_ids, sampling, fields.backend or settings.backend_mode)
+    return GenerationRequest(fields.prompt, prompt_ids, sampling, fields)
 
 
 def check_prompt(prompt_ids: list[int], max_tokens: int, tokenizer: TextTokenizer, settings: Settings,

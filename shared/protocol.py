@@ -67,6 +67,8 @@ class GenerationJob(BaseModel):
     backend: str = "cpu"
     beam: BeamOptions | None = None
     score: ScoreOptions | None = None
+    queue_deadline_s: float | None = Field(None, description="Seconds the job may wait in its queue before it "
+                                                             "fails instead of starting (None: no deadline).")
 
 
 # -- the events of a job's stream ------------------------------------------------------------------------

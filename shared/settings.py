@@ -51,6 +51,11 @@ class Settings:
     worker_dead_s: int = 10  # a worker silent this long is dead: it stops counting and its jobs are recovered
     max_recoveries: int = 2  # times a job whose worker died is resumed on another before it fails
     drain_s: float = 30.0  # on SIGTERM a worker finishes its jobs for this long, then hands the rest back
+    max_queued: int = 0  # jobs a pool's lane may hold waiting beyond its free slots; 0: MAX_QUEUE_WAIT_S's worth
+    max_queue_wait_s: float = 2.0  # with MAX_QUEUED 0: admit what the lane's recent rate starts within this
+    max_queued_batch: int = 1024  # /generate_batch items a pool may hold waiting (batches are meant to wait)
+    queue_deadline_s: float = 60.0  # a job that waited this long in its queue fails instead of starting; 0: never
+    batch_lane_slots: int = 0  # slots of a worker batch items may hold; 0: three quarters of MAX_BATCH_SIZE
     crash_after_tokens: int = 0  # test-only fault hook: a worker exits abruptly once a job has this many tokens
 
     @classmethod
@@ -79,9 +84,12 @@ class Settings:
         if self.worker_device not in ("cuda", "cpu"):
             raise ConfigurationError(f"WORKER_DEVICE must be 'cuda' or 'cpu', not {self.worker_device!r}")
         for name in ("max_batch_size", "max_seq_len", "prefill_chunk", "max_tokens_in_flight", "max_batch_prompts",
-                     "batch_ttl_s", "worker_dead_s"):
+                     "batch_ttl_s", "worker_dead_s", "max_queued_batch"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name.upper()} must be at least 1")
+        for name in ("max_queued", "max_queue_wait_s", "queue_deadline_s", "batch_lane_slots"):
+            if getattr(self, name) < 0:
+                raise ConfigurationError(f"{name.upper()} must not be negative")
 
     @property
     def model_path(self) -> Path:

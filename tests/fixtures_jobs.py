@@ -14,6 +14,7 @@ from rq.serializers import JSONSerializer
 
 from api.jobs.routing import submit
 from shared.events import EventPublisher
+from shared.lanes import LANES, Lane, queue_name
 from shared.protocol import (
     BeamCandidate,
     BeamDoneEvent,
@@ -116,9 +117,10 @@ class ScriptedWorker(threading.Thread):
     def run(self) -> None:
         """Take the jobs one by one and publish their events; any failure is kept for `finish()` to raise."""
         try:
-            queue = Queue(self.pool, connection=self.connection, serializer=JSONSerializer)
+            queues = [Queue(queue_name(self.pool, lane), connection=self.connection, serializer=JSONSerializer)
+                      for lane in LANES]  # as a real worker of the pool listens
             for number in range(self.jobs):
-                found = Queue.dequeue_any([queue], timeout=WAIT_S, connection=self.connection,
+                found = Queue.dequeue_any(queues, timeout=WAIT_S, connection=self.connection,
                                           serializer=JSONSerializer)
                 if found is None:
                     raise TimeoutError(f"no job arrived on the {self.pool!r} queue")
@@ -153,10 +155,15 @@ class ScriptedWorker(threading.Thread):
         return self.payload
 
 
+def queued_jobs(connection: redis.Redis, pool: str = "cpu") -> int:
+    """Jobs waiting in any lane of `pool`."""
+    return sum(Queue(queue_name(pool, lane), connection=connection).count for lane in LANES)
+
+
 def enqueue_job(connection: redis.Redis, pool: str = "cpu", prompt_ids: list[int] | None = None) -> str:
     """Enqueue a job the way the API does, without HTTP; its id."""
     job = GenerationJob(job_id=uuid.uuid4().hex, prompt_ids=prompt_ids or [1, 2, 3],
                         sampling=SamplingParams(), backend=pool)
-    submit(connection, job, Settings())
+    submit(connection, [job], Lane.INTERACTIVE, Settings())
     return job.job_id
 

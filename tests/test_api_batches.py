@@ -4,7 +4,6 @@ failed prompt in its own slot, polling a batch that runs in the background, and 
 from __future__ import annotations
 
 import pytest
-from rq import Queue
 from rq.job import Job
 from rq.results import Result
 from rq.serializers import JSONSerializer
@@ -13,7 +12,7 @@ from api import create_app
 from api.jobs.batch_store import batch_key
 from shared.events import backlog_key, read_backlog
 from shared.tokenizer import load_tokenizer
-from tests.fixtures_jobs import SCRIPT, ScriptedWorker
+from tests.fixtures_jobs import SCRIPT, ScriptedWorker, queued_jobs
 
 PROMPTS = ["The capital of France is", "Once upon a time", "The largest planet is Jupiter, which"]
 
@@ -67,7 +66,7 @@ def test_wait_false_answers_202_and_the_batch_can_be_polled(app, client, redis_c
     assert response.json == {"batch_id": batch_id, "status": "running", "total": 3}
     assert response.headers["Location"] == f"/batches/{batch_id}"
     # Every job is queued before any worker runs, and the record lives BATCH_TTL_S.
-    assert Queue("cpu", connection=redis_client).count == 3
+    assert queued_jobs(redis_client) == 3
     assert 3500 < redis_client.ttl(batch_key(batch_id)) <= 3600
     assert poll(client, batch_id) == {"batch_id": batch_id, "status": "running",
                                       "progress": {"done": 0, "total": 3}, "results": [None, None, None]}
@@ -124,7 +123,7 @@ def test_more_prompts_than_the_setting_allows_is_a_400(app_config, redis_client,
     response = client.post("/generate_batch", json={"prompts": PROMPTS})
     assert response.status_code == 400
     assert response.json["error"]["field"] == "prompts" and "at most 2" in response.json["error"]["message"]
-    assert Queue("cpu", connection=redis_client).count == 0
+    assert queued_jobs(redis_client) == 0
 
 
 BAD_BATCHES = [
@@ -147,7 +146,7 @@ def test_bad_batches_are_400s_naming_the_prompt(client, redis_client, live_worke
     response = client.post("/generate_batch", json=body)
     assert response.status_code == 400
     assert response.json["error"]["field"] == field and named in response.json["error"]["message"]
-    assert Queue("cpu", connection=redis_client).count == 0
+    assert queued_jobs(redis_client) == 0
     assert not redis_client.keys("llm:batch:*")
 
 

@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import pytest
-from rq import Queue
 
 from shared.tokenizer import load_tokenizer
-from tests.fixtures_jobs import ScriptedWorker, score_rows
+from tests.fixtures_jobs import ScriptedWorker, queued_jobs, score_rows
 from tests.sse_client import parse_sse
 
 CHAT = ["Hello", "Hi! How can I help?", "What is the capital of France?"]
@@ -82,7 +81,7 @@ def test_bad_beam_requests_are_400s(client, redis_client, live_worker, body, fie
     response = client.post("/stream_chat_beam", json=body)
     assert response.status_code == 400
     assert response.json["error"]["field"] == field
-    assert Queue("cpu", connection=redis_client).count == 0
+    assert queued_jobs(redis_client) == 0
 
 
 CANDIDATES = ["The capital of France is Paris.", "Paris.", "I like turtles."]
@@ -132,7 +131,7 @@ def test_bad_scoring_requests_are_400s(client, redis_client, live_worker, body, 
     response = client.post("/rerank_scores", json=body)
     assert response.status_code == 400
     assert response.json["error"]["field"] == field and named in response.json["error"]["message"]
-    assert Queue("cpu", connection=redis_client).count == 0
+    assert queued_jobs(redis_client) == 0
 
 
 def test_the_beam_routes_are_documented_with_their_events(client):

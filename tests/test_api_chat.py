@@ -4,10 +4,9 @@ the message; a history too long for the context loses its oldest pairs, and says
 from __future__ import annotations
 
 import pytest
-from rq import Queue
 
 from shared.tokenizer import load_tokenizer
-from tests.fixtures_jobs import ScriptedWorker
+from tests.fixtures_jobs import ScriptedWorker, queued_jobs
 from tests.sse_client import parse_sse
 
 QUESTION = "What is the capital of France?"
@@ -100,7 +99,7 @@ def test_bad_conversations_are_400s_naming_the_message(client, redis_client, liv
     error = response.json["error"]
     assert error["type"] == "invalid_request" and error["field"] == field
     assert named in error["message"]
-    assert Queue("cpu", connection=redis_client).count == 0
+    assert queued_jobs(redis_client) == 0
 
 
 def long_history(pairs: int) -> list[dict]:
@@ -134,4 +133,4 @@ def test_a_last_turn_too_long_for_the_context_is_a_400(client, redis_client, liv
     error = response.json["error"]
     assert error["type"] == "context_length_exceeded" and error["field"] == "messages"
     assert "128" in error["message"] and "last user turn" in error["message"]
-    assert Queue("cpu", connection=redis_client).count == 0
+    assert queued_jobs(redis_client) == 0

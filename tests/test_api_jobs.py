@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from rq import Queue
 from rq.job import Job, JobStatus
 
 from shared.events import cancel_key
-from tests.fixtures_jobs import ScriptedWorker, enqueue_job, publish_generation
+from tests.fixtures_jobs import ScriptedWorker, enqueue_job, publish_generation, queued_jobs
 from tests.sse_client import parse_sse
 
 UNKNOWN = "0123456789abcdef0123456789abcdef"
@@ -22,7 +21,7 @@ def test_deleting_a_queued_job_cancels_it_and_ends_its_stream(client, redis_clie
     events, _ = parse_sse(stream.get_data(as_text=True))  # ends instead of waiting for a worker
     assert [(e["id"], e["event"]) for e in events] == [(1, "error")]
     assert events[0]["data"]["error"]["type"] == "cancelled"
-    assert Queue("cpu", connection=redis_client).count == 0
+    assert queued_jobs(redis_client) == 0
     status = client.get(f"/jobs/{job_id}").json
     assert status["status"] == "canceled" and status["error"]["type"] == "cancelled"
 

@@ -8,14 +8,13 @@ import json
 import httpx2  # the openai client's HTTP library: its WSGI transport runs the Flask app in-process
 import openai
 import pytest
-from rq import Queue
 
 from api.openai.format import ChunkEncoder, TextCompletionView
 from shared.events import Event, cancel_key
 from shared.model_files import model_name
 from shared.protocol import TokenEvent
 from shared.tokenizer import load_tokenizer
-from tests.fixtures_jobs import ScriptedWorker
+from tests.fixtures_jobs import ScriptedWorker, queued_jobs
 from tests.sse_client import parse_lines
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]
@@ -143,7 +142,7 @@ def test_leaving_a_stream_cancels_its_job(client, redis_client, live_worker):
     assert next(response.iter_encoded()) == b": keep-alive\n\n"
     response.close()  # what the server does when the client has gone
     assert redis_client.get(cancel_key(job_id)) == b"1"
-    assert Queue("cpu", connection=redis_client).count == 0
+    assert queued_jobs(redis_client) == 0
     assert client.get(f"/jobs/{job_id}").json["status"] == "canceled"
 
 
@@ -182,7 +181,7 @@ def test_unsupported_or_bad_fields_get_a_400_in_openai_s_shape(client, redis_cli
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == "invalid_request_error" and error["param"] == param
     assert param in error["message"]
-    assert Queue("cpu", connection=redis_client).count == 0
+    assert queued_jobs(redis_client) == 0
 
 
 def test_the_openai_client_sees_a_bad_request_error(openai_client, live_worker):

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from rq import Queue
 
 from api import create_app
-from tests.fixtures_jobs import ScriptedWorker
+from tests.fixtures_jobs import ScriptedWorker, queued_jobs
 
 
 def generate(client, redis_client, pool: str, **body) -> dict:
@@ -62,4 +61,4 @@ def test_a_pool_without_live_workers_is_a_503_naming_it(client, redis_client, li
     assert response.status_code == 503
     assert response.json["error"]["type"] == "no_worker"
     assert f"'{named}'" in response.json["error"]["message"]
-    assert Queue("cpu", connection=redis_client).count == Queue("gpu", connection=redis_client).count == 0
+    assert queued_jobs(redis_client, "cpu") == queued_jobs(redis_client, "gpu") == 0

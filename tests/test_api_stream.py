@@ -5,13 +5,12 @@ from __future__ import annotations
 import threading
 
 import pytest
-from rq import Queue
 from rq.job import Job, JobStatus
 
 from api import create_app
 from shared.events import EventPublisher, cancel_key, follow
 from shared.protocol import DoneEvent, TokenEvent, Usage
-from tests.fixtures_jobs import SCRIPT, ScriptedWorker, enqueue_job, publish_generation
+from tests.fixtures_jobs import SCRIPT, ScriptedWorker, enqueue_job, publish_generation, queued_jobs
 from tests.sse_client import parse_sse
 
 
@@ -146,7 +145,7 @@ def test_a_client_leaving_the_stream_cancels_its_job(client, redis_client, live_
     response.close()  # what the server does when the client has gone
     assert redis_client.get(cancel_key(job_id)) == b"1"
     assert redis_client.ttl(cancel_key(job_id)) > 0
-    assert Queue("cpu", connection=redis_client).count == 0
+    assert queued_jobs(redis_client) == 0
     assert client.get(f"/jobs/{job_id}").json["status"] == "canceled"
 
 

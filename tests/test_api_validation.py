@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from rq import Queue
+
+from tests.fixtures_jobs import queued_jobs
 
 BAD_BODIES = [
     pytest.param(b"{not json", "body", id="malformed-json"),
@@ -55,7 +56,7 @@ def test_bad_request_is_a_400_naming_the_field(client, redis_client, live_worker
     assert error["type"] == "invalid_request"
     assert error["field"] == field
     assert error["message"]
-    assert Queue("cpu", connection=redis_client).count == 0
+    assert queued_jobs(redis_client) == 0
 
 
 def test_unknown_fields_are_all_listed(client, live_worker):
@@ -77,7 +78,7 @@ def test_prompt_that_does_not_fit_the_context_is_refused(client, redis_client, l
     assert error["type"] == "context_length_exceeded"
     assert error["field"] == "prompt"
     assert "128" in error["message"]  # the context limit (MAX_SEQ_LEN) is named
-    assert Queue("cpu", connection=redis_client).count == 0
+    assert queued_jobs(redis_client) == 0
 
 
 def test_unknown_route_and_wrong_method_answer_in_the_error_shape(client):

@@ -11,6 +11,7 @@ from rq.serializers import JSONSerializer
 
 from api.jobs.routing import submit
 from shared.events import read_backlog
+from shared.lanes import Lane
 from shared.protocol import GenerationJob
 from shared.recovery import recover_abandoned
 from shared.sampling import SamplingParams
@@ -38,9 +39,15 @@ def start_on_a_worker_that_then_dies(connection, job_id: str) -> None:
         connection.zadd(registry.key, {member: 1})  # its heartbeat ran out long ago
 
 
+def submit_abc(connection) -> None:
+    """Enqueue job `abc` as the API does."""
+    submit(connection, [GenerationJob(job_id="abc", prompt_ids=[1], sampling=SamplingParams())], Lane.INTERACTIVE,
+           SETTINGS)
+
+
 def test_a_dead_workers_job_is_requeued_then_failed_with_an_error_event(connection):
     job = GenerationJob(job_id="abc", prompt_ids=[1, 2], sampling=SamplingParams(), backend="cpu")
-    submit(connection, job, SETTINGS)
+    submit(connection, [job], Lane.INTERACTIVE, SETTINGS)
     queue = Queue("cpu", connection=connection, serializer=JSONSerializer)
 
     start_on_a_worker_that_then_dies(connection, "abc")
@@ -58,7 +65,7 @@ def test_a_dead_workers_job_is_requeued_then_failed_with_an_error_event(connecti
 
 
 def test_a_live_workers_job_is_left_alone(connection):
-    submit(connection, GenerationJob(job_id="abc", prompt_ids=[1], sampling=SamplingParams()), SETTINGS)
+    submit_abc(connection)
     queue = Queue("cpu", connection=connection, serializer=JSONSerializer)
     worker = SimpleWorker([queue], connection=connection, serializer=JSONSerializer)
     job, _ = Queue.dequeue_any([queue], None, connection=connection, serializer=JSONSerializer)
@@ -70,14 +77,14 @@ def test_a_live_workers_job_is_left_alone(connection):
 
 def test_one_process_recovers_a_pool_at_a_time(connection):
     connection.set("llm:recovery:cpu", "1")  # another process is at it
-    submit(connection, GenerationJob(job_id="abc", prompt_ids=[1], sampling=SamplingParams()), SETTINGS)
+    submit_abc(connection)
     start_on_a_worker_that_then_dies(connection, "abc")
     recover_abandoned(connection, "cpu", SETTINGS)
     assert Queue("cpu", connection=connection).fetch_job("abc").get_status() == JobStatus.STARTED
 
 
 def test_a_resumed_job_can_be_cancelled_once_its_dead_execution_has_expired(connection):
-    submit(connection, GenerationJob(job_id="abc", prompt_ids=[1], sampling=SamplingParams()), SETTINGS)
+    submit_abc(connection)
     start_on_a_worker_that_then_dies(connection, "abc")
     for key in connection.scan_iter("rq:execution:*"):
         connection.delete(key)  # the dead worker's execution expired (RQ lists its id 60 s longer)

@@ -10,6 +10,7 @@ timeouts are checked between steps, since nothing can interrupt a job running in
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -28,6 +29,7 @@ from rq.worker import SimpleWorker, WorkerStatus
 
 from shared.events import Event, EventPublisher, cancel_key, publish_many, read_backlog
 from shared.exceptions import ConfigurationError, ValidationError
+from shared.lanes import LANE_SLOTS_FIELD, LANES, Lane, lane_of, lane_slots, queue_name, record_finished
 from shared.model_files import force_offline
 from shared.protocol import DoneEvent, ErrorBody, GenerationJob, TokenEvent, Usage
 from shared.recovery import forget_executions
@@ -44,13 +46,14 @@ REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 REDIS_RETRY_MAX_S = 2.0
 """Longest wait between two tries to reach Redis while it is gone, so a worker serves within seconds of its return."""
 
-MAX_SIDE_TASKS = 2
-"""Beam searches and scoring jobs a worker runs at once (each holds a cache of its own)."""
-
 
 
 class ResumeError(Exception):
     """A job handed back by a dead worker that cannot go on from where it stopped."""
+
+
+class QueueDeadlineError(Exception):
+    """A job that waited in its queue longer than its queue deadline: its client has likely given up."""
 
 
 @dataclass(slots=True)
@@ -59,6 +62,7 @@ class RunningJob:
 
     job: Job
     queue: Queue
+    lane: Lane
     execution: Execution
     publisher: EventPublisher
     sequence: Sequence | None
@@ -77,11 +81,26 @@ class BatchingWorker(SimpleWorker):
         self.settings = settings or Settings.from_env()
         kwargs.setdefault("worker_ttl", self.settings.worker_dead_s)
         super().__init__(*args, **kwargs)
+        self.listen_to_lanes()
         self.engine: Engine | None = None
         self.running: dict[str, RunningJob] = {}
         self.liveness: Liveness | None = None
         self.draining_since: float | None = None  # monotonic time of the SIGTERM that started a drain
         self.hand_back_now = False  # a second signal: hand the running jobs back without waiting
+
+    def listen_to_lanes(self) -> None:
+        """`rq worker cpu` listens on every lane of pool `cpu` (shared/lanes.py), interactive work first."""
+        names = [queue_name(queue.name, lane) if lane_of(queue.name) is Lane.INTERACTIVE else queue.name
+                 for queue in self.queues for lane in LANES]
+        names = list(dict.fromkeys(names))  # a queue named twice (`rq worker cpu cpu:batch`) is listened to once
+        self.queues = [self.queue_class(name, connection=self.connection, job_class=self.job_class,
+                                        serializer=self.serializer, death_penalty_class=self.death_penalty_class)
+                       for name in names]
+        self._ordered_queues = self.queues[:]
+
+    def lane_slots(self) -> dict[Lane, int]:
+        """Jobs of each lane this worker runs at once (shared/lanes.py)."""
+        return lane_slots(self.engine.decoder.max_batch_size, self.settings.batch_lane_slots)
 
     def build_decoder(self) -> Decoder:
         """The pool's decoder with its weights loaded."""
@@ -121,6 +140,8 @@ class BatchingWorker(SimpleWorker):
     def register_birth(self) -> None:
         super().register_birth()
         self.heartbeat()  # RQ gives a newborn's key worker_ttl + 60 s; ours lives WORKER_DEAD_S from the start
+        slots = {lane.value: n for lane, n in self.lane_slots().items()}
+        self.connection.hset(self.key, LANE_SLOTS_FIELD, json.dumps(slots))  # read by the API's admission bound
 
     def ensure_registered(self) -> None:
         """Register again if this worker's record is gone (Redis restarted empty, or the worker was frozen
@@ -139,7 +160,7 @@ class BatchingWorker(SimpleWorker):
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         """Run `job` and every job that joins it until the batch is empty."""
-        self.admit(job, queue)
+        self.admit(job, queue, from_intermediate=len(self._ordered_queues) == 1)
         try:
             while self.engine.has_work or self.side_tasks():
                 if self.drain_is_over():
@@ -211,28 +232,52 @@ class BatchingWorker(SimpleWorker):
         self.engine = self.engine_for(self.engine.decoder)
 
     def admit_queued_jobs(self) -> None:
-        """Take queued jobs without blocking while the batch has a free slot."""
-        while self.engine.wants_more() and len(self.side_tasks()) < MAX_SIDE_TASKS:
+        """Take queued jobs without blocking, from every lane that has room now, interactive work first."""
+        while queues := self.lanes_with_room():
             result = self.queue_class.dequeue_any(
-                self._ordered_queues, None, connection=self.connection, job_class=self.job_class,
+                queues, None, connection=self.connection, job_class=self.job_class,
                 serializer=self.serializer, death_penalty_class=self.death_penalty_class)
             if result is None:
                 return
-            self.admit(*result)
+            self.admit(*result, from_intermediate=len(queues) == 1)
 
-    def admit(self, job: Job, queue: Queue) -> None:
-        """Start `job` in RQ's registries and hand its sequence to the engine."""
+    def lanes_with_room(self) -> list[Queue]:
+        """The queues (in lane order) whose next job this worker would start at once.
+
+        A generation job needs the engine to want one more (a slot, and a place in the next prefill); a batch
+        item also needs one of the batch lane's slots; a beam or scoring job needs a side-task place only.
+        """
+        slots = self.lane_slots()
+        running = {lane: 0 for lane in LANES}
+        for entry in self.running.values():
+            running[entry.lane] += 1
+        engine_room = self.engine.wants_more()
+        room = {Lane.INTERACTIVE: engine_room, Lane.SIDE: running[Lane.SIDE] < slots[Lane.SIDE],
+                Lane.BATCH: engine_room and running[Lane.BATCH] < slots[Lane.BATCH]}
+        return [queue for queue in self._ordered_queues if room[lane_of(queue.name)]]
+
+    def admit(self, job: Job, queue: Queue, *, from_intermediate: bool = False) -> None:
+        """Start `job` in RQ's registries and hand its sequence to the engine (or start its side task).
+
+        `from_intermediate`: RQ moved the job to its intermediate queue (a dequeue from one queue does).
+        """
+        waited_s = (now() - job.enqueued_at).total_seconds() if job.enqueued_at else 0.0
         execution = self.prepare_execution(job)
-        self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
+        self.prepare_job_execution(job, remove_from_intermediate_queue=from_intermediate)
         job.started_at = now()
         publisher = EventPublisher(self.connection, job.id, self.settings.backlog_ttl_s)
-        entry = RunningJob(job, queue, execution, publisher, sequence=None, started=time.monotonic())
+        lane = lane_of(queue.name)
+        entry = RunningJob(job, queue, lane, execution, publisher, sequence=None, started=time.monotonic())
         try:
             payload = GenerationJob.model_validate(job.kwargs["payload"])
             sent = self.events_already_sent(entry)
             if sent and sent[-1].terminal:  # it ended after all (say, cancelled while requeued): nothing to run
                 self.drop(entry)
                 return
+            deadline = payload.queue_deadline_s
+            if not sent and deadline and waited_s > deadline:
+                raise QueueDeadlineError(f"the job waited {waited_s:.1f} s in the '{queue.name}' queue, past its "
+                                         f"queue deadline of {deadline:g} s (queue_deadline_s); it was not started")
             if payload.kind in SIDE_TASKS:
                 if sent:
                     raise ResumeError("its worker died while publishing its result; a beam search or scoring job "
@@ -242,9 +287,12 @@ class BatchingWorker(SimpleWorker):
             else:
                 resumed = [TokenEvent.model_validate(event.data).token for event in sent if event.type == "token"]
                 entry.sequence = Sequence(job.id, payload.prompt_ids, payload.sampling, self.engine.tokenizer)
-                self.engine.add(entry.sequence, resumed)
+                self.engine.add(entry.sequence, resumed, yields=lane is Lane.BATCH)
         except ResumeError as exc:
             self.fail(entry, "job_lost", str(exc), sys.exc_info())
+            return
+        except QueueDeadlineError as exc:
+            self.fail(entry, "queue_timeout", str(exc), sys.exc_info())
             return
         except (KeyError, TypeError, ValueError, ValidationError) as exc:
             self.fail(entry, "invalid_job", str(exc), sys.exc_info())
@@ -329,6 +377,7 @@ class BatchingWorker(SimpleWorker):
         """Mark the job finished in RQ (the `done` event's data is its result), then publish `done`."""
         self.running.pop(entry.job.id, None)
         self._finalize_success(entry.job, entry.queue, entry.execution, done.model_dump(mode="json"))
+        self.log_ended(entry)
         entry.publisher.publish(done)
 
     def settle(self, entry: RunningJob) -> None:
@@ -353,6 +402,7 @@ class BatchingWorker(SimpleWorker):
         self.running.pop(entry.job.id, None)
         entry.job.retries_left = 0
         self._finalize_failure(entry.job, entry.queue, entry.execution, exc_info)
+        self.log_ended(entry)
         entry.publisher.publish(ErrorBody.of(error_type, message))
 
     def drop(self, entry: RunningJob) -> None:
@@ -368,4 +418,11 @@ class BatchingWorker(SimpleWorker):
         forget_executions(self.connection, entry.job)  # a resumed job's dead executions would fail cancel()
         if not entry.job.is_canceled:  # DELETE may have cancelled it in RQ already
             entry.job.cancel()
+        self.log_ended(entry)
         entry.publisher.publish(ErrorBody.of("cancelled", "the job was cancelled"))
+
+    def log_ended(self, entry: RunningJob) -> None:
+        """Count the job in its lane's recent throughput, from which the API tells refused clients when to retry."""
+        with self.connection.pipeline() as pipe:
+            record_finished(pipe, entry.queue.name, entry.job.id)
+            pipe.execute()

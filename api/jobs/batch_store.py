@@ -16,13 +16,15 @@ from contextlib import closing
 from dataclasses import dataclass
 
 import redis
+from redis.client import Pipeline
 from rq.job import JobStatus
 
-from api.jobs.routing import submit_many
+from api.jobs.routing import submit
 from api.jobs.state import GONE_STATUSES, fetch_job, follow_job
 from api.models.generation import GenerationResult
 from shared.events import Event, backlog_key, read_backlog
 from shared.exceptions import NotFoundError
+from shared.lanes import Lane
 from shared.protocol import DoneEvent, ErrorBody, GenerationJob
 from shared.settings import Settings
 
@@ -59,13 +61,15 @@ class BatchRecord:
 
 def create_batch(connection: redis.Redis, jobs: list[GenerationJob], prompts: list[str],
                  settings: Settings) -> BatchRecord:
-    """Record the batch and enqueue its jobs, all in one MULTI (one round trip)."""
+    """Record the batch and enqueue its jobs on the pool's batch lane, all in one MULTI (or none of it: a 429
+    when the lane cannot hold them all)."""
     record = BatchRecord(uuid.uuid4().hex, [job.job_id for job in jobs], prompts, jobs[0].backend)
-    with connection.pipeline() as pipe:
+
+    def write_record(pipe: Pipeline) -> None:
         pipe.hset(batch_key(record.batch_id), mapping=record.to_hash())
         pipe.expire(batch_key(record.batch_id), settings.batch_ttl_s)
-        submit_many(connection, pipe, jobs, settings, keep_s=settings.batch_ttl_s)
-        pipe.execute()
+
+    submit(connection, jobs, Lane.BATCH, settings, keep_s=settings.batch_ttl_s, also=write_record)
     return record
 
 

@@ -8,6 +8,7 @@ import socket
 import time
 import uuid
 from contextlib import closing
+from typing import Protocol
 
 from flask import Response, request
 
@@ -17,6 +18,7 @@ from api.jobs.routing import choose_backend, submit
 from api.jobs.sse import Encoder, relay, sse_response
 from api.jobs.state import follow_job, request_cancel
 from shared.exceptions import ServiceError
+from shared.lanes import lane_for
 from shared.protocol import EVENTS_BY_KIND, BeamOptions, DoneEvent, ErrorBody, GenerationJob, JobKind, ScoreOptions
 from shared.sampling import SamplingParams
 
@@ -32,15 +34,24 @@ class ClientGone(ServiceError):
     error_type = "client_closed_request"
 
 
-def enqueue(prompt_ids: list[int], sampling: SamplingParams, backend_mode: str, *,
+class Placement(Protocol):
+    """The fields of a request body that say where its job runs and how long it may wait to start."""
+
+    backend: str | None
+    queue_deadline_s: float | None
+
+
+def enqueue(prompt_ids: list[int], sampling: SamplingParams, placement: Placement, *,
             kind: JobKind = JobKind.GENERATE, beam: BeamOptions | None = None,
             score: ScoreOptions | None = None) -> GenerationJob:
-    """Pick a pool with a live worker for `backend_mode` (503 when none) and enqueue the job there."""
-    connection = get_redis()
-    backend = choose_backend(connection, backend_mode)
+    """Pick a pool with a live worker for the body's `backend` (503 when none) and enqueue the job on its lane
+    there (429 when the lane is at its admission bound)."""
+    connection, settings = get_redis(), get_settings()
+    backend = choose_backend(connection, placement.backend or settings.backend_mode)
     job = GenerationJob(job_id=uuid.uuid4().hex, prompt_ids=prompt_ids, sampling=sampling, kind=kind,
-                        backend=backend, beam=beam, score=score)
-    submit(connection, job, get_settings())
+                        backend=backend, beam=beam, score=score,
+                        queue_deadline_s=placement.queue_deadline_s or settings.queue_deadline_s or None)
+    submit(connection, [job], lane_for(job), settings)
     return job
 
 

@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import redis
 from redis.client import Pipeline
-from rq import Queue, Worker
-from rq.serializers import JSONSerializer
+from rq import Queue
 
+from api.jobs.admission import enqueue_within_bound
 from shared.exceptions import NoWorkerError
+from shared.lanes import Lane, worker_lane_slots
 from shared.protocol import JOB_FUNCTION, GenerationJob
 from shared.recovery import retry_policy
 from shared.settings import BACKENDS, Settings
 
-DEAD_STATES = frozenset({"dead"})
-"""Worker states that do not count as live (expired workers are already dropped by RQ)."""
-
 
 def live_workers(connection: redis.Redis, pool: str) -> int:
     """Live workers listening on `pool`, from RQ's registry (a worker whose heartbeat key expired is gone)."""
-    workers = Worker.all(queue=Queue(pool, connection=connection))
-    return sum(1 for worker in workers if worker.get_state() not in DEAD_STATES)
+    return len(worker_lane_slots(connection, pool, fallback={}))
 
 
 def live_worker_counts(connection: redis.Redis) -> dict[str, int]:
@@ -43,36 +42,21 @@ def choose_backend(connection: redis.Redis, mode: str) -> str:
     return mode
 
 
-def submit(connection: redis.Redis, job: GenerationJob, settings: Settings) -> None:
-    """Enqueue `job` on its pool's queue as plain JSON, by the job function's dotted name."""
-    queue = Queue(job.backend, connection=connection, serializer=JSONSerializer)
-    queue.enqueue(
-        JOB_FUNCTION,
-        kwargs={"payload": job.model_dump(mode="json")},
-        job_id=job.job_id,
-        job_timeout=settings.job_timeout_s,
-        result_ttl=settings.backlog_ttl_s,
-        failure_ttl=settings.backlog_ttl_s,
-        description=describe(job),
-        retry=retry_policy(settings),  # a job whose worker dies resumes on another (shared/recovery.py)
-    )
+def submit(connection: redis.Redis, jobs: list[GenerationJob], lane: Lane, settings: Settings, *,
+           keep_s: int | None = None, also: Callable[[Pipeline], None] | None = None) -> None:
+    """Enqueue `jobs` (all of one pool) on that pool's `lane` as plain JSON, by the job function's dotted name,
+    all or none, if the lane's admission bound holds them (api/jobs/admission.py); else OverloadedError (429).
 
-
-def submit_many(connection: redis.Redis, pipeline: Pipeline, jobs: list[GenerationJob], settings: Settings,
-                keep_s: int) -> None:
-    """Add `jobs` to their pools' queues through `pipeline`, which the caller executes (one round trip).
-
-    RQ keeps each job's outcome (the `done` event's data is its result) for `keep_s` seconds, which may
-    outlive the events' backlog (BACKLOG_TTL_S).
+    RQ keeps each job's outcome (the `done` event's data is its result) for `keep_s` seconds (BACKLOG_TTL_S by
+    default), which may outlive the events' backlog. `also` adds the caller's writes to the same transaction.
     """
-    by_pool: dict[str, list] = {}
-    for job in jobs:
-        by_pool.setdefault(job.backend, []).append(Queue.prepare_data(
-            JOB_FUNCTION, kwargs={"payload": job.model_dump(mode="json")}, job_id=job.job_id,
-            timeout=settings.job_timeout_s, result_ttl=keep_s, failure_ttl=keep_s, description=describe(job),
-            retry=retry_policy(settings)))
-    for pool, data in by_pool.items():
-        Queue(pool, connection=connection, serializer=JSONSerializer).enqueue_many(data, pipeline=pipeline)
+    keep_s = keep_s or settings.backlog_ttl_s
+    data = [Queue.prepare_data(JOB_FUNCTION, kwargs={"payload": job.model_dump(mode="json")}, job_id=job.job_id,
+                               timeout=settings.job_timeout_s, result_ttl=keep_s, failure_ttl=keep_s,
+                               description=describe(job),
+                               retry=retry_policy(settings))  # a job whose worker dies resumes on another
+            for job in jobs]
+    enqueue_within_bound(connection, jobs[0].backend, lane, data, settings, also)
 
 
 def describe(job: GenerationJob) -> str:

@@ -12,6 +12,7 @@ from rq.serializers import JSONSerializer
 from api.jobs.routing import live_workers
 from shared.events import Event, EventPublisher, backlog_key, cancel_key, follow
 from shared.exceptions import NotFoundError
+from shared.lanes import pool_of
 from shared.protocol import ErrorBody
 from shared.recovery import forget_executions, recover_abandoned
 from shared.settings import Settings
@@ -56,7 +57,7 @@ def alive_check(connection: redis.Redis, job_id: str, settings: Settings) -> Cal
         if status != JobStatus.QUEUED or live_workers(connection, job.origin):
             return True  # running, or waiting for a live worker (a dead worker's job is recovered first)
         end_job(connection, job_id, settings, ErrorBody.of("no_worker", (
-            f"no live worker is left in the '{job.origin}' pool to run the job (the last one stopped "
+            f"no live worker is left in the '{pool_of(job.origin)}' pool to run the job (the last one stopped "
             f"heart-beating for WORKER_DEAD_S); the job is cancelled")))
         return False
     return is_alive
@@ -107,7 +108,7 @@ def describe(connection: redis.Redis, job_id: str) -> dict:
     job = require_known(connection, job_id)
     last = last_event(connection, job_id)
     status = job.get_status(refresh=False).value if job is not None else _status_from_event(last)
-    body = {"job_id": job_id, "status": status, "backend": job.origin if job is not None else None,
+    body = {"job_id": job_id, "status": status, "backend": pool_of(job.origin) if job is not None else None,
             "events": last.id if last is not None else 0}
     if last is not None and last.type == "done":
         body["result"] = last.data

@@ -13,7 +13,15 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
-from api.models.fields import BACKEND_FIELD, STRICT, Backend, MaxTokens, SamplingFields
+from api.models.fields import (
+    BACKEND_FIELD,
+    QUEUE_DEADLINE_FIELD,
+    STRICT,
+    Backend,
+    MaxTokens,
+    QueueDeadline,
+    SamplingFields,
+)
 from shared.exceptions import ValidationError
 
 MAX_BEAM_WIDTH = 8
@@ -128,6 +136,7 @@ class ChatBody(ConversationBody, SamplingFields):
         "messages": ["What is the capital of France?"], "max_tokens": 32, "temperature": 0}]})
 
     backend: Backend | None = BACKEND_FIELD
+    queue_deadline_s: QueueDeadline | None = QUEUE_DEADLINE_FIELD
 
 
 class BeamBody(ConversationBody):
@@ -143,6 +152,7 @@ class BeamBody(ConversationBody):
     use_rerank: bool = Field(True, description="Let the reranker pick the winner (relevance and LM score "
                                                "combined); false streams the best beam. " + CONTEXT_NOTE)
     backend: Backend | None = BACKEND_FIELD
+    queue_deadline_s: QueueDeadline | None = QUEUE_DEADLINE_FIELD
 
 
 class RerankBody(ConversationBody):
@@ -157,6 +167,7 @@ class RerankBody(ConversationBody):
                                                              + CONTEXT_NOTE)
     length_penalty: LengthPenalty = 1.0
     backend: Backend | None = BACKEND_FIELD
+    queue_deadline_s: QueueDeadline | None = QUEUE_DEADLINE_FIELD
 
 
 class TextPart(BaseModel):

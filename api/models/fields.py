@@ -26,6 +26,12 @@ Backend = Literal["gpu", "cpu", "auto"]
 BACKEND_FIELD = Field(None, description="Worker pool: `gpu`, `cpu`, or `auto` (GPU when a GPU worker is live). "
                                         "The server's BACKEND_MODE when left out.")
 
+QueueDeadline = Annotated[float, Field(gt=0, le=86400)]
+QUEUE_DEADLINE_FIELD = Field(None, description=(
+    "Seconds the job may wait in its pool's queue; one that waited longer fails with a `queue_timeout` error "
+    "instead of starting late for a client that may have gone. The server's QUEUE_DEADLINE_S (60 s by "
+    "default) when left out; batch prompts have none unless given."))
+
 
 def check_max_tokens_limit(value: int, info: ValidationInfo) -> int:
     """Refuse a max_tokens above the cap passed in the validation context (MAX_NEW_TOKENS_LIMIT)."""

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.models.fields import BACKEND_FIELD, STRICT, Backend, SamplingFields
+from api.models.fields import BACKEND_FIELD, QUEUE_DEADLINE_FIELD, STRICT, Backend, QueueDeadline, SamplingFields
 from shared.protocol import DoneEvent, FinishReason, Usage
 
 
@@ -18,6 +18,7 @@ class GenerationBody(SamplingFields):
 
     prompt: str = Field(min_length=1, description="Raw text, tokenized as is (no chat template).")
     backend: Backend | None = BACKEND_FIELD
+    queue_deadline_s: QueueDeadline | None = QUEUE_DEADLINE_FIELD
 
 
 class GenerationResult(BaseModel):

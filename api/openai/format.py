@@ -27,8 +27,8 @@ DONE_FRAME = "data: [DONE]\n\n"
 def openai_error(body: dict, status: int) -> dict:
     """A native error body (`{"error": {"type", "message", "field"}}`) in OpenAI's shape."""
     error = body.get("error") or {}
-    return {"error": {"message": error.get("message", ""),
-                      "type": "invalid_request_error" if 400 <= status < 500 else "server_error",
+    kind = "requests" if status == 429 else "invalid_request_error" if 400 <= status < 500 else "server_error"
+    return {"error": {"message": error.get("message", ""), "type": kind,
                       "param": error.get("field"), "code": error.get("type")}}
 
 

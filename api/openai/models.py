@@ -13,7 +13,15 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from api.models.conversation import ChatMessage
-from api.models.fields import BACKEND_FIELD, STRICT, Backend, MaxTokens, SamplingFields
+from api.models.fields import (
+    BACKEND_FIELD,
+    QUEUE_DEADLINE_FIELD,
+    STRICT,
+    Backend,
+    MaxTokens,
+    QueueDeadline,
+    SamplingFields,
+)
 from shared.exceptions import ValidationError
 
 OpenAIFinishReason = Literal["stop", "length"]
@@ -50,6 +58,7 @@ class OpenAIRequest(SamplingFields):
     frequency_penalty: float | None = Field(None, description="Only 0 (use `repetition_penalty`).")
     user: str | None = Field(None, description="Accepted and ignored.")
     backend: Backend | None = BACKEND_FIELD
+    queue_deadline_s: QueueDeadline | None = QUEUE_DEADLINE_FIELD
 
     @field_validator("n")
     @classmethod

@@ -111,7 +111,7 @@ def run(body: OpenAIRequest, model: ModelCard, prompt_ids: list[int], view_class
     settings = get_settings()
     sampling = body.sampling(settings.default_max_tokens)
     check_prompt(prompt_ids, sampling.max_tokens, get_tokenizer(), settings, field=prompt_field)
-    job = pipeline.enqueue(prompt_ids, sampling, body.backend or settings.backend_mode)
+    job = pipeline.enqueue(prompt_ids, sampling, body)
     view = view_class(job.job_id, model.id, int(time.time()))
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage

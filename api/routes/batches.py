@@ -44,8 +44,8 @@ def generate_batch():
     prompt_ids = encode_prompts(body.prompts, sampling.max_tokens, get_tokenizer(), settings)
     connection = get_redis()
     backend = choose_backend(connection, body.backend or settings.backend_mode)
-    jobs = [GenerationJob(job_id=uuid.uuid4().hex, prompt_ids=ids, sampling=sampling, backend=backend)
-            for ids in prompt_ids]
+    jobs = [GenerationJob(job_id=uuid.uuid4().hex, prompt_ids=ids, sampling=sampling, backend=backend,
+                          queue_deadline_s=body.queue_deadline_s) for ids in prompt_ids]
     record = create_batch(connection, jobs, body.prompts, settings)
     if not body.wait:
         accepted = BatchAccepted(batch_id=record.batch_id, status="running", total=len(jobs))

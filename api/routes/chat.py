@@ -49,7 +49,7 @@ def chat() -> Response:
     body = parse_request_body(ChatBody, settings)
     sampling = body.sampling(settings.default_max_tokens)
     fitted = fit_conversation(body.turns(), sampling.max_tokens, get_tokenizer(), settings)
-    job = pipeline.enqueue(fitted.prompt_ids, sampling, body.backend or settings.backend_mode)
+    job = pipeline.enqueue(fitted.prompt_ids, sampling, body)
     return fitted.mark(pipeline.stream(job))
 
 
@@ -85,7 +85,7 @@ def stream_chat_beam() -> Response:
     beam = BeamOptions(beam_width=body.beam_width, length_penalty=body.length_penalty, use_rerank=body.use_rerank,
                        context=fitted.context)
     job = pipeline.enqueue(fitted.prompt_ids, SamplingParams(max_tokens=max_tokens),
-                           body.backend or settings.backend_mode, kind=JobKind.BEAM, beam=beam)
+                           body, kind=JobKind.BEAM, beam=beam)
     return fitted.mark(pipeline.stream(job))
 
 
@@ -107,7 +107,7 @@ def rerank_scores():
     fitted = fit_conversation(body.turns(), longest, tokenizer, settings, "the longest candidate's token count")
     score = ScoreOptions(candidates=body.candidates, context=fitted.context, length_penalty=body.length_penalty)
     job = pipeline.enqueue(fitted.prompt_ids, SamplingParams(max_tokens=longest),
-                           body.backend or settings.backend_mode, kind=JobKind.SCORE, score=score)
+                           body, kind=JobKind.SCORE, score=score)
     response = fitted.mark(jsonify(pipeline.collect(job).model_dump(mode="json")))
     response.headers["X-Job-Id"] = job.job_id
     return response

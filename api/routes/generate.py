@@ -25,7 +25,7 @@ bp = Blueprint("generation", __name__)
 def start_job() -> tuple[GenerationRequest, GenerationJob]:
     """Validate the request body, pick a pool with a live worker and enqueue the job there."""
     parsed = parse_generation_request(read_json_object(request.get_data()), get_settings(), get_tokenizer)
-    return parsed, pipeline.enqueue(parsed.prompt_ids, parsed.sampling, parsed.backend)
+    return parsed, pipeline.enqueue(parsed.prompt_ids, parsed.sampling, parsed.body)
 
 
 @bp.post("/generate")

@@ -71,8 +71,9 @@ class Engine:
         return (len(self.running) + len(joining) < self.decoder.max_batch_size
                 and reserved <= self.max_tokens_in_flight)
 
-    def add(self, sequence: Sequence, resumed_ids: Iterable[int] = ()) -> None:
-        """Queue a sequence; it is admitted at a following step.
+    def add(self, sequence: Sequence, resumed_ids: Iterable[int] = (), *, yields: bool = False) -> None:
+        """Queue a sequence; it is admitted at a following step. One that `yields` (batch work) is admitted
+        after every waiting sequence that does not, so an interactive request is never queued behind it.
 
         `resumed_ids` are tokens the sequence's previous worker generated and sent before it died. They are
         replayed as if just sampled (sampler memory, detokenizer, stop filter, stop checks) and prefilled with
@@ -82,7 +83,10 @@ class Engine:
         for token in resumed_ids:
             self._accept(sequence, token)
         sequence.prefill_ids = sequence.prompt_ids + sequence.output_ids
-        self.waiting.append(sequence)
+        sequence.yields = yields
+        ahead = len(self.waiting) if yields else next(
+            (i for i, waiting in enumerate(self.waiting) if waiting.yields), len(self.waiting))
+        self.waiting.insert(ahead, sequence)
 
     def cancel(self, sequence_id: str) -> bool:
         """Ask a sequence to stop; it ends as cancelled at the next step. Returns whether it was found."""

@@ -40,6 +40,8 @@ class Sequence:
         self.slot: int | None = None
         self.finish_reason: FinishReason | None = None
         self.cancel_requested = False
+        self.yields = False
+        """Batch work: it waits behind every waiting sequence that does not (set by `Engine.add`)."""
 
     @property
     def length(self) -> int:

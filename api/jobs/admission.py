@@ -1,0 +1,116 @@
+"""Admission control: every lane of every pool holds a bounded amount of work; past it, a fast, honest 429.
+
+A lane's work is its queued jobs plus those its workers run (RQ's started registry). It may hold what the
+pool's live workers run at once in that lane (their advertised slots, shared/lanes.py) plus an allowance of
+waiting jobs: MAX_QUEUED when set, otherwise what the lane's recent rate of ending jobs starts within
+MAX_QUEUE_WAIT_S (one per eight slots until the lane has a rate), so an admitted request starts within
+about that long. The batch lane's allowance is MAX_QUEUED_BATCH: batches are meant to
+wait. A refused request gets `Retry-After`: how long the lane's recent rate takes to make room for it.
+
+The check and the enqueue are one optimistic transaction (WATCH on the lane's queue and started registry),
+so concurrent API processes and threads never admit more than the bound between them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+from redis.client import Pipeline
+from redis.exceptions import WatchError
+from rq import Queue
+from rq.queue import EnqueueData
+from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from shared.exceptions import OverloadedError
+from shared.lanes import Lane, finish_rate, lane_slots, queue_name, worker_lane_slots
+from shared.settings import Settings
+
+FIRST_ALLOWANCE_SHARE = 8
+"""Before a lane has a recent rate (a cold start), it may hold one job waiting per this many slots."""
+
+UNKNOWN_RATE_RETRY_S = 5
+"""Retry-After for a full lane that has ended fewer than two jobs in the last minute (its rate is unknown)."""
+
+MAX_RETRY_AFTER_S = 60
+"""The longest Retry-After sent: estimates further out are guesses."""
+
+
+@dataclass(frozen=True, slots=True)
+class LaneBound:
+    """How much work a pool's lane may hold now, and how fast it has been ending jobs."""
+
+    queue: str
+    capacity: int  # jobs the pool's live workers run at once in this lane
+    bound: int  # capacity plus the jobs allowed to wait
+    rate: float | None  # jobs ended per second lately (None: fewer than two in the window)
+
+    def retry_after_s(self, excess: int) -> int:
+        """Seconds until the lane has likely made room for `excess` more jobs."""
+        if not self.rate:
+            return UNKNOWN_RATE_RETRY_S
+        return min(MAX_RETRY_AFTER_S, max(1, math.ceil(excess / self.rate)))
+
+
+def lane_bound(connection: redis.Redis, pool: str, lane: Lane, settings: Settings) -> LaneBound:
+    """The bound on `pool`'s `lane` now, from its live workers' slots and its recent throughput."""
+    queue = queue_name(pool, lane)
+    workers = worker_lane_slots(connection, pool, lane_slots(settings.max_batch_size, settings.batch_lane_slots))
+    capacity = sum(slots.get(lane.value, 0) for slots in workers)
+    if lane is Lane.INTERACTIVE:  # running batch items hold some of the same slots
+        batch_slots = sum(slots.get(Lane.BATCH.value, 0) for slots in workers)
+        capacity -= min(batch_slots, running_jobs(connection, queue_name(pool, Lane.BATCH)))
+    rate = finish_rate(connection, queue)
+    if lane is Lane.BATCH:
+        allowance = settings.max_queued_batch
+    elif settings.max_queued:
+        allowance = settings.max_queued
+    elif rate:
+        allowance = max(1, math.floor(rate * settings.max_queue_wait_s))
+    else:
+        allowance = max(1, capacity // FIRST_ALLOWANCE_SHARE)
+    return LaneBound(queue, max(capacity, 0), max(capacity, 0) + allowance, rate)
+
+
+def running_jobs(connection: redis.Redis, queue: str) -> int:
+    """Jobs of `queue` running on a worker now (RQ's started registry, read without its cleanup)."""
+    return connection.zcard(StartedJobRegistry(queue, connection=connection).key)
+
+
+def enqueue_within_bound(connection: redis.Redis, pool: str, lane: Lane, jobs: list[EnqueueData],
+                         settings: Settings, also: Callable[[Pipeline], None] | None = None) -> None:
+    """Enqueue `jobs` (all or none) on `pool`'s `lane` if its bound holds them, else raise OverloadedError.
+
+    `also` adds the caller's own writes (a batch's record) to the same transaction.
+    """
+    limit = lane_bound(connection, pool, lane, settings)
+    queue = Queue(limit.queue, connection=connection, serializer=JSONSerializer)
+    started_key = StartedJobRegistry(limit.queue, connection=connection).key
+    with connection.pipeline() as pipe:
+        while True:
+            try:
+                pipe.watch(queue.key, started_key)
+                held = pipe.llen(queue.key) + pipe.zcard(started_key)
+                if held + len(jobs) > limit.bound:
+                    raise refusal(limit, pool, lane, held, len(jobs))
+                pipe.multi()
+                if also is not None:
+                    also(pipe)
+                queue.enqueue_many(jobs, pipeline=pipe)
+                pipe.execute()
+                return
+            except WatchError:  # a job joined or left the lane meanwhile: look again
+                continue
+
+
+def refusal(limit: LaneBound, pool: str, lane: Lane, held: int, asked: int) -> OverloadedError:
+    """The 429 for a lane that cannot take `asked` more jobs."""
+    waiting = max(held - limit.capacity, 0)
+    what = "jobs" if asked > 1 else "job"
+    return OverloadedError(
+        f"the '{pool}' pool is busy: its {lane.value} work is at its bound ({limit.capacity} running at once, "
+        f"{waiting} waiting, room for {max(limit.bound - held, 0)} more {what}; {asked} asked); "
+        f"retry after the Retry-After header's seconds", retry_after_s=limit.retry_after_s(held + asked - limit.bound))

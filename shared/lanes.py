@@ -1,0 +1,121 @@
+"""Lanes: a pool's work split by how long its client can wait, one RQ queue per lane.
+
+A worker of pool `cpu` listens on `cpu` (interactive: a person waits for the first token), `cpu:side` (beam
+search and candidate scoring, which run beside the batch on caches of their own) and `cpu:batch`
+(`/generate_batch` items, offline work), and takes from them in that order whenever it has room for that
+lane's work. Batch items may hold only part of a worker's slots, so an interactive request always finds one
+free within a step; beam and scoring jobs never stop a worker from taking the other lanes' work.
+
+Workers advertise their room per lane in their RQ worker hash (`LANE_SLOTS_FIELD`) and log every job they end
+(`finished_key`), so the API can bound each lane's waiting work and tell a refused client when to come back
+(`api/jobs/admission.py`).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+
+import redis
+from redis.client import Pipeline
+from rq import worker_registration
+
+from shared.protocol import GenerationJob, JobKind
+
+
+class Lane(str, enum.Enum):
+    """A class of work with its own queue in every pool."""
+
+    INTERACTIVE = "interactive"  # /generate, /stream, /chat, /v1: the pool's own queue
+    SIDE = "side"  # beam search and scoring, MAX_SIDE_TASKS per worker
+    BATCH = "batch"  # /generate_batch items: they yield to the other lanes
+
+
+LANES = (Lane.INTERACTIVE, Lane.SIDE, Lane.BATCH)
+"""The order a worker takes work in."""
+
+LANE_SLOTS_FIELD = "llm_lane_slots"
+"""Field of a worker's RQ hash: JSON `{lane: jobs it runs at once}`, written when it registers."""
+
+MAX_SIDE_TASKS = 2
+"""Beam searches and scoring jobs a worker runs at once (each holds a cache of its own)."""
+
+FINISHED_WINDOW_S = 60
+"""How far back the log of ended jobs reaches (the admission bound's throughput is measured over it)."""
+
+
+def queue_name(pool: str, lane: Lane) -> str:
+    """The RQ queue of `lane` in `pool`: the pool's own name for interactive work, `<pool>:<lane>` otherwise."""
+    return pool if lane is Lane.INTERACTIVE else f"{pool}:{lane.value}"
+
+
+def pool_of(queue: str) -> str:
+    """The pool a lane's queue belongs to."""
+    return queue.split(":", 1)[0]
+
+
+def lane_of(queue: str) -> Lane:
+    """The lane a queue serves."""
+    _, _, lane = queue.partition(":")
+    return Lane(lane) if lane else Lane.INTERACTIVE
+
+
+def lane_for(job: GenerationJob, *, batch: bool = False) -> Lane:
+    """The lane a job travels in: its kind's, or the batch lane for a /generate_batch item."""
+    if job.kind in (JobKind.BEAM, JobKind.SCORE):
+        return Lane.SIDE
+    return Lane.BATCH if batch else Lane.INTERACTIVE
+
+
+def lane_slots(max_batch_size: int, batch_lane_slots: int = 0) -> dict[Lane, int]:
+    """Jobs of each lane a worker with `max_batch_size` slots runs at once: batch items hold at most
+    BATCH_LANE_SLOTS of them (three quarters by default, never all), so interactive work always finds one."""
+    batch = batch_lane_slots or (3 * max_batch_size) // 4
+    return {Lane.INTERACTIVE: max_batch_size, Lane.SIDE: MAX_SIDE_TASKS,
+            Lane.BATCH: max(1, min(batch, max_batch_size - 1))}
+
+
+def worker_lane_slots(connection: redis.Redis, pool: str, fallback: dict[Lane, int]) -> list[dict[str, int]]:
+    """Each live worker of `pool`: the jobs it runs at once per lane (one Redis round trip after the set read).
+
+    A worker whose key expired (dead for WORKER_DEAD_S) is not listed; RQ drops it from the set later. One that
+    does not advertise its slots (started by an older release, say) counts with `fallback`'s.
+    """
+    keys = sorted(connection.smembers(worker_registration.WORKERS_BY_QUEUE_KEY % pool))
+    if not keys:
+        return []
+    with connection.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.hmget(key, "state", "birth", LANE_SLOTS_FIELD)
+        rows = pipe.execute()
+    live = []
+    for state, birth, slots in rows:
+        if birth is None or state in (b"dead", "dead"):  # expired (hash gone) or marked dead
+            continue
+        advertised = json.loads(slots) if slots else {lane.value: n for lane, n in fallback.items()}
+        live.append({lane: int(n) for lane, n in advertised.items()})
+    return live
+
+
+def record_finished(pipe: Pipeline, queue: str, job_id: str) -> None:
+    """Log (on `pipe`) that a job of `queue` has ended now, dropping entries older than the window."""
+    key, clock = finished_key(queue), time.time()
+    pipe.zadd(key, {job_id: clock})
+    pipe.zremrangebyscore(key, "-inf", clock - FINISHED_WINDOW_S)
+    pipe.expire(key, 2 * FINISHED_WINDOW_S)
+
+
+def finish_rate(connection: redis.Redis, queue: str) -> float | None:
+    """Jobs of `queue` ended per second lately, or None when fewer than two ended within the window."""
+    clock = time.time()
+    ended = connection.zrangebyscore(finished_key(queue), clock - FINISHED_WINDOW_S, clock, withscores=True)
+    if len(ended) < 2:
+        return None
+    span = max(clock - ended[0][1], 1.0)
+    return (len(ended) - 1) / span
+
+
+def finished_key(queue: str) -> str:
+    """Sorted set of the queue's recently ended jobs, scored by when they ended."""
+    return f"llm:finished:{queue}"
