@@ -69,7 +69,7 @@ def lane_bound(connection: redis.Redis, pool: str, lane: Lane, settings: Setting
     elif settings.max_queued:
         allowance = settings.max_queued
     elif rate:
-        allowance = max(1, math.floor(rate * settings.max_queue_wait_s))
+        allowance = max(1, round(rate * settings.max_queue_wait_s))
     else:
         allowance = max(1, capacity // FIRST_ALLOWANCE_SHARE)
     return LaneBound(queue, max(capacity, 0), max(capacity, 0) + allowance, rate)

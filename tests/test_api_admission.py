@@ -1,0 +1,129 @@
+"""Admission control: a lane past its bound answers 429 at once, with Retry-After from its recent throughput."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+from rq import Queue
+
+from api import create_app
+from api.jobs.admission import UNKNOWN_RATE_RETRY_S, lane_bound
+from shared.exceptions import OverloadedError
+from shared.lanes import LANE_SLOTS_FIELD, Lane, finished_key, queue_name
+from shared.settings import Settings
+from tests.fixtures_jobs import queued_jobs
+
+BODY = {"prompt": "Hello", "max_tokens": 2}
+
+
+@pytest.fixture
+def busy_app(app_config):
+    """An app whose lanes hold a worker's 2 slots plus 1 waiting job (MAX_QUEUED 1)."""
+    return create_app({**app_config, "MAX_QUEUED": 1, "MAX_BATCH_SIZE": 2, "MAX_QUEUED_BATCH": 4})
+
+
+def advertise(redis_client, worker, **slots) -> None:
+    """What a batching worker writes when it registers: its slots per lane."""
+    redis_client.hset(worker.key, LANE_SLOTS_FIELD, json.dumps(slots))
+
+
+def open_streams(client, count: int, path: str = "/stream", body: dict = BODY) -> list:
+    """POST `count` streams and keep them open (a stream whose client leaves cancels its job, freeing its place)."""
+    return [client.post(path, json=body) for _ in range(count)]
+
+
+def test_past_its_bound_a_lane_answers_429_at_once_in_json_with_retry_after(busy_app, redis_client, live_worker):
+    live_worker("cpu")  # no advertised slots: counts with MAX_BATCH_SIZE's
+    client = busy_app.test_client()
+    streams = open_streams(client, 3)
+    assert [stream.status_code for stream in streams] == [200, 200, 200]
+    started = time.perf_counter()
+    refused = client.post("/stream", json=BODY)
+    elapsed = time.perf_counter() - started
+    assert refused.status_code == 429 and refused.is_json
+    assert refused.json["error"]["type"] == "overloaded"
+    assert "'cpu' pool is busy" in refused.json["error"]["message"]
+    assert refused.headers["Retry-After"] == str(UNKNOWN_RATE_RETRY_S)  # nothing has ended yet: no rate
+    assert queued_jobs(redis_client) == 3  # the refused request left nothing behind
+    assert elapsed < 0.5
+
+
+def test_the_openai_routes_refuse_in_openais_shape(busy_app, redis_client, live_worker):
+    live_worker("cpu")
+    client = busy_app.test_client()
+    streams = open_streams(client, 3)
+    refused = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2})
+    assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+    assert refused.json["error"]["type"] == "requests" and refused.json["error"]["code"] == "overloaded"
+    assert set(refused.json["error"]) == {"message", "type", "param", "code"}
+
+
+def test_beam_searches_have_a_lane_of_their_own(busy_app, redis_client, live_worker):
+    live_worker("cpu")
+    client = busy_app.test_client()
+    beam = {"messages": ["Hi"], "beam_width": 2, "max_tokens": 4}
+    # The side lane holds MAX_SIDE_TASKS (2) running plus MAX_QUEUED (1) waiting, whatever the interactive lane holds.
+    beams = open_streams(client, 4, "/stream_chat_beam", beam)
+    assert [stream.status_code for stream in beams] == [200, 200, 200, 429]
+    assert open_streams(client, 1)[0].status_code == 200
+    assert Queue(queue_name("cpu", Lane.SIDE), connection=redis_client).count == 3
+
+
+def test_a_batch_is_admitted_whole_or_not_at_all(busy_app, redis_client, live_worker):
+    live_worker("cpu")
+    client = busy_app.test_client()
+    prompts = {"prompts": ["One", "Two", "Three"], "max_tokens": 2, "wait": False}
+    assert client.post("/generate_batch", json=prompts).status_code == 202
+    # The batch lane holds its slot (one of MAX_BATCH_SIZE 2) plus MAX_QUEUED_BATCH (4): 3 more do not fit.
+    refused = client.post("/generate_batch", json=prompts)
+    assert refused.status_code == 429 and "3 asked" in refused.json["error"]["message"]
+    assert Queue(queue_name("cpu", Lane.BATCH), connection=redis_client).count == 3
+    assert not list(redis_client.scan_iter("llm:batch:*"))[1:]  # only the first batch's record exists
+    assert open_streams(client, 1)[0].status_code == 200  # interactive work has its own lane
+
+
+def test_the_bound_comes_from_live_workers_slots_and_the_lanes_recent_rate(redis_client, live_worker):
+    settings = Settings(max_queue_wait_s=2)
+    for _ in range(2):
+        advertise(redis_client, live_worker("cpu"), interactive=16, side=2, batch=12)
+    cold = lane_bound(redis_client, "cpu", Lane.INTERACTIVE, settings)
+    assert (cold.capacity, cold.bound, cold.rate) == (32, 36, None)  # before any job ended: one per 8 slots
+    clock = time.time()
+    redis_client.zadd(finished_key("cpu"), {f"job{i}": clock - 10 + i for i in range(11)})  # 1 job/s for 10 s
+    warm = lane_bound(redis_client, "cpu", Lane.INTERACTIVE, settings)
+    assert warm.rate == pytest.approx(1.0, rel=0.1)
+    assert warm.bound == 32 + 2  # what 1 job/s starts within MAX_QUEUE_WAIT_S (2 s)
+    assert warm.retry_after_s(5) in (5, 6) and warm.retry_after_s(1000) == 60  # 5 jobs at about 1 job/s
+    assert lane_bound(redis_client, "cpu", Lane.BATCH, settings).bound == 24 + settings.max_queued_batch
+
+
+def test_running_batch_items_take_slots_from_the_interactive_lane(redis_client, live_worker):
+    advertise(redis_client, live_worker("cpu"), interactive=8, side=2, batch=6)
+    started = f"rq:wip:{queue_name('cpu', Lane.BATCH)}"
+    redis_client.zadd(started, {f"job{i}:exec": time.time() + 60 for i in range(4)})  # 4 batch items running
+    assert lane_bound(redis_client, "cpu", Lane.INTERACTIVE, Settings()).capacity == 4
+
+
+def test_concurrent_requests_never_overshoot_the_bound(busy_app, redis_client, live_worker):
+    live_worker("cpu")
+    responses = []  # kept open: a stream whose client leaves cancels its job, which frees its place
+
+    def post() -> None:
+        responses.append(busy_app.test_client().post("/stream", json=BODY))
+
+    threads = [threading.Thread(target=post) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(response.status_code for response in responses) == [200] * 3 + [429] * 9
+    assert queued_jobs(redis_client) == 3
+    for response in responses:
+        response.close()
+
+
+def test_an_overloaded_error_always_says_when_to_come_back():
+    assert OverloadedError("busy", retry_after_s=0).retry_after_s == 1
