@@ -60,7 +60,7 @@ def handle_error(error: Exception) -> tuple[Response, int]:
 def error_body(error: Exception) -> tuple[dict, int, list[tuple[str, str]]]:
     """The native `{"error": {...}}` body, the status and extra headers for any exception."""
     if isinstance(error, HTTPException):
-        body = {"error": {"type": _snake_case(error.name), "message": error.description}}
+        body = {"error": {"type": snake_case(error.name), "message": error.description}}
         # Keep headers such as `Allow` on a 405; jsonify sets the content type.
         headers = [(k, v) for k, v in error.get_headers() if k.lower() != "content-type"]
         return body, error.code or 500, headers
@@ -97,6 +97,6 @@ def _status_of_type(error_type: str) -> int:
     return 500
 
 
-def _snake_case(name: str) -> str:
+def snake_case(name: str) -> str:
     """`Method Not Allowed` -> `method_not_allowed`."""
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")

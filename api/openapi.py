@@ -9,7 +9,7 @@ Swagger UI's files come from an installed package (no CDN: deployments may have 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import metadata, resources
 from pathlib import Path
 
@@ -17,6 +17,9 @@ from flask import Blueprint, Flask, current_app, jsonify, send_from_directory
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from api.extensions import get_settings, get_tokenizer
+from api.models.fields import SERVER_LIMITS_KEY
+from shared.exceptions import ConfigurationError
 from shared.protocol import ErrorBody
 
 OPENAPI_VERSION = "3.1.0"
@@ -48,6 +51,10 @@ class Media:
     schema: dict | None = None
     events: dict[str, type[BaseModel] | tuple[type[BaseModel], ...]] = field(default_factory=dict)
     example: str | None = None
+    named_events: bool = True
+    """SSE: whether each frame's `event:` line is its `events` key (OpenAI's chunks have none: `message`)."""
+    end_marker: str | None = None
+    """SSE: a last `data:` line that is not JSON (OpenAI's `[DONE]`)."""
 
 
 @dataclass(frozen=True)
@@ -100,10 +107,15 @@ def json_reply(description: str, model: type[BaseModel] | None = None, *, schema
     return Reply(description, (Media("application/json", model, schema),), headers or {})
 
 
-def sse_media(events: dict[str, type[BaseModel]], description: str, example: str) -> Media:
-    """A `text/event-stream` body; `x-events` maps each event name to the schema of its `data:` JSON."""
-    return Media("text/event-stream", schema={"type": "string", "description": description},
-                 events=events, example=example)
+def sse_media(events: dict[str, type[BaseModel]], description: str, example: str, *, named_events: bool = True,
+              end_marker: str | None = None) -> Media:
+    """A `text/event-stream` body. Its `schema` describes one event, as OpenAPI 3.2's `itemSchema` does (3.1
+    has no keyword for it, and fuzzers such as schemathesis read `schema` so): an object of the frame's
+    `event`, `id` and `data` lines, `data` being JSON of the event's model (`contentSchema`). `x-events`
+    maps each event name to the schema of its `data:` JSON. Without `named_events` the frames carry no
+    `event:` line (OpenAI's chunks) and the keys of `events` only name the alternatives."""
+    return Media("text/event-stream", schema={"description": description}, events=events, example=example,
+                 named_events=named_events, end_marker=end_marker)
 
 
 def build_document(app: Flask) -> dict:
@@ -111,6 +123,7 @@ def build_document(app: Flask) -> dict:
     found = [(rule, app.view_functions[rule.endpoint].openapi) for rule in app.url_map.iter_rules()
              if hasattr(app.view_functions[rule.endpoint], "openapi")]
     refs, definitions = _schemas(operation for _, operation in found)
+    write_server_limits(definitions, server_limit_values())
     paths: dict[str, dict] = {}
     for rule, op in sorted(found, key=lambda item: item[0].rule):
         for method in sorted(rule.methods - SKIPPED_METHODS):
@@ -120,7 +133,11 @@ def build_document(app: Flask) -> dict:
         "info": {"title": "LLM stream server", "version": _version(),
                  "description": "Streaming text generation: native routes, OpenAI-compatible routes under /v1, "
                                 "tokenizer routes. Native errors are `{\"error\": {\"type\", \"message\", "
-                                "\"field\"}}`; errors under /v1 take OpenAI's shape."},
+                                "\"field\"}}`; errors under /v1 take OpenAI's shape. What the HTTP server "
+                                "refuses before reading the path is native on every path: 414 for a request "
+                                "line over 4094 bytes, 431 for over 100 headers or one over 8190 bytes, 400 for "
+                                "a malformed request. A `text/event-stream` schema describes one event (as "
+                                "OpenAPI 3.2's `itemSchema` does); `x-events` maps event names to their data."},
         "tags": TAGS,
         "paths": paths,
         "components": {"schemas": definitions.get("$defs", {})},
@@ -140,6 +157,34 @@ def _schemas(operations) -> tuple[dict, dict]:
                     wanted[(model, "serialization")] = None
     refs, definitions = models_json_schema(list(wanted), ref_template="#/components/schemas/{model}")
     return refs, definitions
+
+
+def server_limit_values() -> dict:
+    """The values an `x-server-limits` marker may name: every setting, and the tokenizer's vocabulary size
+    (left out, with the bound it gives, when the model folder cannot be read)."""
+    settings = get_settings()
+    limits = {field.name: getattr(settings, field.name) for field in fields(settings)}
+    try:
+        limits["vocabulary_size"] = get_tokenizer().vocabulary_size
+    except ConfigurationError:
+        pass
+    return limits
+
+
+def write_server_limits(schema, limits: dict) -> None:
+    """Replace each `x-server-limits` marker (api/models/fields.py) by the keywords it names, with this server's
+    values (`"maximum": 4096` for `{"maximum": "max_new_tokens_limit"}`), so the document states them."""
+    if isinstance(schema, dict):
+        for keyword, name in schema.pop(SERVER_LIMITS_KEY, {}).items():
+            if name in limits:
+                schema[keyword] = limits[name]
+        children = schema.values()
+    elif isinstance(schema, list):
+        children = schema
+    else:
+        return
+    for child in children:
+        write_server_limits(child, limits)
 
 
 def _operation(rule, method: str, op: Operation, refs: dict) -> dict:
@@ -175,6 +220,7 @@ def _reply(reply: Reply, refs: dict) -> dict:
     for media in reply.content:
         entry: dict = {"schema": refs[(media.model, "serialization")] if media.model else media.schema or {}}
         if media.events:
+            entry["schema"] = {**(media.schema or {}), **_event_schema(media, refs)}
             entry["x-events"] = {name: _one_of(_as_tuple(models), refs) for name, models in media.events.items()}
         if media.example is not None:
             entry["example"] = media.example
@@ -182,6 +228,25 @@ def _reply(reply: Reply, refs: dict) -> dict:
     if content:
         result["content"] = content
     return result
+
+
+def _event_schema(media: Media, refs: dict) -> dict:
+    """The JSON Schema of one server-sent event of `media`, read as `{"event", "id", "data"}` (the SSE
+    defaults: `event` is `message` when the frame has no `event:` line)."""
+    def frame(event: dict, data: dict) -> dict:
+        return {"type": "object", "required": ["event", "data"],
+                "properties": {"event": event, "id": {"type": "string"}, "data": data}}
+
+    def json_data(models) -> dict:
+        return {"type": "string", "contentMediaType": "application/json",
+                "contentSchema": _one_of(_as_tuple(models), refs)}
+
+    if media.named_events:
+        return {"oneOf": [frame({"const": name}, json_data(models)) for name, models in media.events.items()]}
+    data = json_data(tuple(model for models in media.events.values() for model in _as_tuple(models)))
+    if media.end_marker is not None:
+        data = {"anyOf": [data, {"const": media.end_marker}]}
+    return frame({"const": "message"}, data)
 
 
 def _as_tuple(models) -> tuple[type[BaseModel], ...]:

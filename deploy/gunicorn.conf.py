@@ -10,7 +10,9 @@ import os
 bind = f"0.0.0.0:{os.environ.get('PORT', '8080')}"
 """Listen on every interface, on PORT (default 8080)."""
 
-worker_class = "gthread"
+worker_class = "api.server.JsonErrorWorker"
+"""gthread, except that what gunicorn refuses itself is a JSON error (api/server.py): a request line over 4094
+bytes (414), over 100 headers or one over 8190 bytes (431), a malformed request (400): gunicorn's default limits."""
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 threads = int(os.environ.get("GUNICORN_THREADS", "64"))
 

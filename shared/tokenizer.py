@@ -50,6 +50,11 @@ class TextTokenizer:
         """Text of token ids."""
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    @property
+    def vocabulary_size(self) -> int:
+        """Number of token ids the tokenizer knows (added tokens included): valid ids are [0, size)."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
     def token_strings(self, ids: list[int]) -> list[str]:
         """The vocabulary entry of each id."""
         return [self.backend.id_to_token(i) for i in ids]

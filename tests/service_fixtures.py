@@ -7,6 +7,7 @@ The processes are started exactly as the Procfile says (through bash, from the r
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -85,6 +86,32 @@ class Service:
                 raise RuntimeError(f"{name} exited with {process.returncode}:\n{self.logs[name].read_text()[-3000:]}")
 
 
+class RedisServer:
+    """A redis-server of a test module's own on a spare port, without persistence, that a test may restart."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                                         "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis.from_url(self.url).ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
 def service_environment(port: int, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(PATH=f"{ROOT / '.venv' / 'bin'}:{env.get('PATH', '')}", PORT=str(port), REDIS_URL=TEST_REDIS_URL,
@@ -111,4 +138,32 @@ def service():
     finally:
         running.stop_all()
         connection.flushdb()
+        print(f"service logs: {running.logs}", file=sys.stderr)
+
+
+@pytest.fixture(scope="session")
+def tiny_service(tiny_weights):
+    """gunicorn (web) and one CPU worker (cpu) from the Procfile, serving the tiny model (tests/tiny_model.py) on
+    a redis-server of their own: the real processes, quick to start and to answer, for tests of the HTTP surface.
+
+    MAX_NEW_TOKENS_LIMIT and MAX_BATCH_PROMPTS are small (the document states them, so fuzzed requests stay
+    small too), but not below what the document's examples ask for; so is DEFAULT_MAX_TOKENS."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    server = RedisServer()
+    server.start()
+    port = free_port()
+    env = service_environment(port, REDIS_URL=server.url, MODEL_DIR=str(tiny_weights), COMPILE_DECODE="0",
+                              TORCH_THREADS="1", MAX_NEW_TOKENS_LIMIT="32", MAX_BATCH_PROMPTS="4",
+                              DEFAULT_MAX_TOKENS="4")
+    running = Service(f"http://127.0.0.1:{port}", redis.Redis.from_url(server.url), {}, {})
+    running.env = env
+    try:
+        running.start("web", env, name="tiny-web")
+        running.start("cpu", env, name="tiny-cpu")
+        running.wait_for_workers("cpu")
+        yield running
+    finally:
+        running.stop_all()
+        server.stop()
         print(f"service logs: {running.logs}", file=sys.stderr)

@@ -6,13 +6,17 @@ from __future__ import annotations
 import re
 
 import pytest
+from jsonschema import Draft202012Validator
 from openapi_spec_validator import OpenAPIV31SpecValidator
 
+from api import create_app
 from api.models.batches import BatchBody
 from api.models.conversation import BeamBody, ChatBody, RerankBody
 from api.models.generation import GenerationBody
 from api.models.tokenizer import DetokenizeBody, TokenizeBody
 from api.openai.models import ChatCompletionRequest, CompletionRequest
+from api.openapi import server_limit_values, write_server_limits
+from tests.tiny_tokenizer import tiny_tokenizer
 
 NOT_DOCUMENTED = {"demo.static", "openapi.swagger_asset"}
 """Endpoints serving page assets (scripts, styles), which are not part of the API."""
@@ -53,11 +57,13 @@ def test_every_route_and_method_is_documented(app, document):
     ("/chat", ChatBody), ("/stream_chat_beam", BeamBody), ("/rerank_scores", RerankBody),
     ("/generate_batch", BatchBody),
 ])
-def test_request_bodies_are_the_validating_models_schemas(document, path, model):
+def test_request_bodies_are_the_validating_models_schemas(app, document, path, model):
     body = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body == {"$ref": REF.format(model=model.__name__)}
     expected = model.model_json_schema(ref_template=REF)
     expected.pop("$defs", None)
+    with app.app_context():
+        write_server_limits(expected, server_limit_values())
     assert document["components"]["schemas"][model.__name__] == expected
     assert expected["additionalProperties"] is False  # unknown fields are refused, and documented so
 
@@ -86,6 +92,47 @@ def test_the_documented_limits_are_the_enforced_ones(client, document, live_work
         response = client.post("/generate", json={"prompt": "hi", name: value})
         assert response.status_code == 400, (name, value)
         assert response.json["error"]["field"] == name
+
+
+def test_limits_the_settings_choose_are_stated_with_this_servers_values(app_config):
+    app = create_app({**app_config, "MAX_NEW_TOKENS_LIMIT": 50, "MAX_BATCH_PROMPTS": 3})
+    schemas = app.test_client().get("/openapi.json").json["components"]["schemas"]
+    for body in ("GenerationBody", "ChatBody", "BeamBody", "CompletionRequest", "BatchBody"):
+        assert schemas[body]["properties"]["max_tokens"]["anyOf"][0]["maximum"] == 50, body
+    assert schemas["ChatCompletionRequest"]["properties"]["max_completion_tokens"]["anyOf"][0]["maximum"] == 50
+    assert schemas["BatchBody"]["properties"]["prompts"]["maxItems"] == 3
+    assert schemas["DetokenizeBody"]["properties"]["ids"]["items"] == {
+        "type": "integer", "minimum": 0, "exclusiveMaximum": tiny_tokenizer().get_vocab_size(with_added_tokens=True)}
+    assert "x-server-limits" not in str(schemas)
+
+
+CHAT = [{"role": "user", "content": "hi"}]
+
+REFUSED_BODIES = [
+    pytest.param("/tokenize", {}, id="tokenize-neither"),
+    pytest.param("/tokenize", {"text": "a", "messages": CHAT}, id="tokenize-both"),
+    pytest.param("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}},
+                 id="options-without-stream"),
+    pytest.param("/v1/chat/completions", {"messages": CHAT, "n": 2}, id="n-2"),
+    pytest.param("/v1/completions", {"prompt": "hi", "presence_penalty": 0.5}, id="presence-penalty"),
+    pytest.param("/v1/completions", {"prompt": "hi", "echo": True}, id="echo"),
+    pytest.param("/chat", {"messages": ["hi", {"role": "assistant", "content": "x"}]}, id="mixed-forms"),
+    pytest.param("/chat", {"messages": [" \t"]}, id="blank-turn"),
+    pytest.param("/detokenize", {"ids": [10**6]}, id="id-past-vocabulary"),
+    pytest.param("/generate", {"prompt": "hi", "max_tokens": 65}, id="max-tokens-above-limit"),
+    pytest.param("/generate_batch", {"prompts": ["hi"] * 65}, id="too-many-prompts"),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), REFUSED_BODIES)
+def test_a_body_the_api_refuses_is_one_the_document_forbids(client, document, live_worker, path, body):
+    """The rules models check in code (not by pydantic's types) are stated in the schema too, so a client or a
+    fuzzer reading the document learns them: only the context length and the order of turns cannot be."""
+    live_worker("cpu")
+    assert client.post(path, json=body).status_code == 400
+    schema = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    validator = Draft202012Validator({**schema, "components": document["components"]})
+    assert not validator.is_valid(body)
 
 
 def refs(*models: str) -> dict:

@@ -94,7 +94,7 @@ def test_resuming_an_unknown_job_is_a_404(client):
     assert response.json["error"]["type"] == "not_found"
 
 
-@pytest.mark.parametrize("bad", ["abc", "-1", "1.5"])
+@pytest.mark.parametrize("bad", ["abc", "-1", "1.5", "+1", " 1", "1_0", "\u0661", ""])
 def test_a_malformed_last_event_id_is_a_400(client, redis_client, bad):
     publish_generation(redis_client, "finishedjob", [1])
     response = client.get("/jobs/finishedjob/stream", headers={"Last-Event-ID": bad})

@@ -56,6 +56,7 @@ def test_tokenize_messages_shows_the_chat_templated_prompt(client, app_config):
     pytest.param("/detokenize", {"ids": [1], "extra": True}, "extra", id="unknown-field"),
     pytest.param("/tokenize", {}, "text", id="neither-text-nor-messages"),
     pytest.param("/tokenize", {"text": "a", "messages": [{"role": "user", "content": "b"}]}, "text", id="both"),
+    pytest.param("/tokenize", {"text": None, "messages": None}, "text", id="both-null"),
     pytest.param("/tokenize", {"text": 3}, "text", id="text-not-a-string"),
     pytest.param("/tokenize", {"messages": [{"role": "robot", "content": "b"}]}, "messages", id="bad-role"),
     pytest.param("/tokenize", b"[1, 2]", "body", id="body-not-an-object"),

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.fixtures_jobs import queued_jobs
+from tests.fixtures_jobs import ScriptedWorker, queued_jobs
 
 BAD_BODIES = [
     pytest.param(b"{not json", "body", id="malformed-json"),
@@ -38,6 +38,19 @@ BAD_BODIES = [
     pytest.param({"prompt": "hi", "backend": "tpu"}, "backend", id="unknown-backend"),
     pytest.param({"prompt": "hi", "backend": 1}, "backend", id="backend-not-string"),
 ]
+
+
+def test_numbers_are_compared_by_value_as_json_schema_does(client, redis_client, live_worker):
+    """4.0 is the integer 4 (JSON Schema's `integer`, which the document says), and 1 the number 1.0."""
+    live_worker("cpu")
+    worker = ScriptedWorker(redis_client, "cpu")
+    worker.start()
+    response = post(client, "/generate", b'{"prompt": "hi", "max_tokens": 4.0, "top_k": 5.0, "seed": 1e3, '
+                                         b'"temperature": 1, "top_p": 1}')
+    sampling = worker.finish()["sampling"]
+    assert response.status_code == 200, response.json
+    assert (sampling["max_tokens"], sampling["top_k"], sampling["seed"]) == (4, 5, 1000)
+    assert (sampling["temperature"], sampling["top_p"]) == (1.0, 1.0)
 
 
 def post(client, path: str, body) -> object:

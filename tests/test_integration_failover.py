@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 import threading
 import time
 
@@ -23,7 +22,7 @@ from rq.job import Job
 from rq.registry import StartedJobRegistry
 
 from shared.events import backlog_key
-from tests.service_fixtures import Service, free_port, service_environment
+from tests.service_fixtures import RedisServer, Service, free_port, service_environment
 from tests.sse_client import iter_events
 
 pytestmark = [pytest.mark.integration, pytest.mark.model, pytest.mark.slow]
@@ -33,32 +32,6 @@ WORKER_DEAD_S = 4
 
 PROMPT = "1, 2, 3, 4, 5,"
 """Greedy, SmolLM2 counts on for as long as it is asked to: a stream long enough to kill a worker in."""
-
-
-class RedisServer:
-    """A redis-server of the module's own on a spare port, without persistence, that a test may restart."""
-
-    def __init__(self):
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                                         "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                redis.Redis.from_url(self.url).ping()
-                return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")

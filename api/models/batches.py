@@ -6,7 +6,15 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.models.fields import BACKEND_FIELD, QUEUE_DEADLINE_FIELD, STRICT, Backend, QueueDeadline, SamplingFields
+from api.models.fields import (
+    BACKEND_FIELD,
+    QUEUE_DEADLINE_FIELD,
+    STRICT,
+    Backend,
+    QueueDeadline,
+    SamplingFields,
+    server_limits,
+)
 from api.models.generation import GenerationResult
 from shared.protocol import ErrorBody
 
@@ -19,7 +27,8 @@ class BatchBody(SamplingFields):
 
     prompts: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1, description=(
         "Raw texts, tokenized as /generate tokenizes a prompt; at most MAX_BATCH_PROMPTS (64 by default). Each "
-        "must fit the context with max_tokens, or the whole request is a 400 naming it (`prompts[i]`)."))
+        "must fit the context with max_tokens, or the whole request is a 400 naming it (`prompts[i]`)."),
+        json_schema_extra=server_limits(maxItems="max_batch_prompts"))
     backend: Backend | None = BACKEND_FIELD
     queue_deadline_s: QueueDeadline | None = QUEUE_DEADLINE_FIELD
     wait: bool = Field(True, description="Answer once every prompt is done (200), or at once (202) with the "

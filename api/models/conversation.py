@@ -41,8 +41,8 @@ def _not_blank(text: str) -> str:
     return text
 
 
-TurnText = Annotated[str, Field(min_length=1), AfterValidator(_not_blank)]
-"""A turn's content: text with at least one non-blank character."""
+TurnText = Annotated[str, Field(min_length=1, json_schema_extra={"pattern": r"\S"}), AfterValidator(_not_blank)]
+"""A turn's content: text with at least one non-blank character (the pattern states `_not_blank`)."""
 
 
 class ChatTurn(BaseModel):
@@ -75,12 +75,18 @@ MESSAGES_DESCRIPTION = (
     "The two forms cannot be mixed. " + TRUNCATION)
 
 
+ONE_FORM = {"anyOf": [{"items": {"type": "string"}}, {"items": {"type": "object"}}]}
+"""Every message a string, or every one an object: the first rule of `check_conversation`, in JSON Schema. (Its
+other rule, the order of roles, has no JSON Schema: user and assistant alternate for any length.)"""
+
+
 class ConversationBody(BaseModel):
     """The `messages` field every conversation route takes, with its shape rules."""
 
     model_config = STRICT
 
-    messages: list[Message] = Field(min_length=1, description=MESSAGES_DESCRIPTION)
+    messages: list[Message] = Field(min_length=1, description=MESSAGES_DESCRIPTION,
+                                    json_schema_extra=ONE_FORM)
 
     @model_validator(mode="after")
     def _well_formed(self):

@@ -14,7 +14,18 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 from shared.sampling import MAX_STOP_SEQUENCES, SamplingParams
 
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-"""Request models: unknown fields refused, no type coercion ("10" is not 10, true is not 1), no NaN."""
+"""Request models: unknown fields refused, no type coercion ("10" is not 10, true is not 1), no NaN. (10.0 is
+10: the body's parser reads a number without a fractional part as an integer, as JSON Schema does.)"""
+
+SERVER_LIMITS_KEY = "x-server-limits"
+"""In a field's JSON Schema: JSON Schema keywords whose values this server chooses, by name: a setting
+(`{"maxItems": "max_batch_prompts"}`) or `vocabulary_size`. The OpenAPI document writes the running server's
+values in their place (api/openapi.py), so the limits it states are the ones requests are checked against."""
+
+
+def server_limits(**keywords: str) -> dict:
+    """`json_schema_extra` stating limits the server chooses: `server_limits(maximum="max_new_tokens_limit")`."""
+    return {SERVER_LIMITS_KEY: keywords}
 
 MAX_TOKENS_LIMIT_KEY = "max_tokens_limit"
 """Validation-context key carrying the server's cap on max_tokens (a setting, so not in the schema)."""
@@ -42,7 +53,8 @@ def check_max_tokens_limit(value: int, info: ValidationInfo) -> int:
 
 
 MaxTokens = Annotated[int, Field(ge=1, description="Tokens to generate at most; the server's MAX_NEW_TOKENS_LIMIT "
-                                                   "caps it, and prompt + max_tokens must fit the context."),
+                                                   "caps it, and prompt + max_tokens must fit the context.",
+                                 json_schema_extra=server_limits(maximum="max_new_tokens_limit")),
                       AfterValidator(check_max_tokens_limit)]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, description="0 is greedy decoding; a positive value below "
                                                                   "0.001 is taken as 0.001.")]

@@ -25,7 +25,7 @@ Model = TypeVar("Model", bound=BaseModel)
 def read_json_object(raw: bytes) -> dict:
     """The request body as a JSON object; malformed JSON, NaN/Infinity and non-objects are refused."""
     try:
-        body = json.loads(raw or b"", parse_constant=_refuse_constant)
+        body = json.loads(raw or b"", parse_constant=_refuse_constant, parse_float=_number)
     except RecursionError:
         raise ValidationError("body nests arrays or objects too deeply", field="body") from None
     except (ValueError, UnicodeDecodeError) as exc:
@@ -50,6 +50,13 @@ def parse_request_body(model: type[Model], settings: Settings) -> Model:
 
 def _refuse_constant(name: str):
     raise ValueError(f"{name} is not allowed")
+
+
+def _number(text: str) -> float | int:
+    """A JSON number written with a fraction or an exponent. One with no fractional part is an integer (`10.0`
+    is 10), as JSON Schema's `integer` (the document's) has it; strict models then take it for an int field."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
 
 
 TYPE_NAMES = {

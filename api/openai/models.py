@@ -30,8 +30,20 @@ FINISH_REASONS: dict[str, OpenAIFinishReason] = {"eos": "stop", "stop": "stop", 
 """Our finish reasons -> OpenAI's: the end-of-sequence token and a stop sequence are both `stop`."""
 
 
-def _only(value, neutral):
-    """Accept a field of OpenAI's API only at its neutral value (or null)."""
+STREAM_OPTIONS_NEED_STREAM = [{"properties": {"stream_options": {"type": "null"}}},
+                              {"required": ["stream"], "properties": {"stream": {"const": True}}}]
+"""`stream_options` absent or null, or `stream` true: `_stream_options_need_stream` in JSON Schema."""
+
+
+def neutral_only(neutral, description: str):
+    """A field of OpenAI's API this server takes only at its neutral value, or null (`_neutral` checks it);
+    the document says so with an `enum`."""
+    return Field(None, description=description, json_schema_extra={"enum": list(dict.fromkeys([neutral, None]))})
+
+
+def _only(model: type[BaseModel], value, info):
+    """Accept a `neutral_only` field only at its neutral value (or null)."""
+    neutral = model.model_fields[info.field_name].json_schema_extra["enum"][0]
     if value is not None and value != neutral:
         raise ValueError(f"must be {json.dumps(neutral)} or left out: this server supports no other value")
     return value
@@ -53,28 +65,30 @@ class OpenAIRequest(SamplingFields):
     model: str | None = Field(None, description="The served model's id (GET /v1/models); left out means it.")
     stream: bool = Field(False, description="Answer with server-sent chunks, ending with `data: [DONE]`.")
     stream_options: StreamOptions | None = None
-    n: int | None = Field(None, description="Choices per request: only 1.")
-    presence_penalty: float | None = Field(None, description="Only 0 (use `repetition_penalty`).")
-    frequency_penalty: float | None = Field(None, description="Only 0 (use `repetition_penalty`).")
+    n: int | None = neutral_only(1, "Choices per request: only 1.")
+    presence_penalty: float | None = neutral_only(0, "Only 0 (use `repetition_penalty`).")
+    frequency_penalty: float | None = neutral_only(0, "Only 0 (use `repetition_penalty`).")
     user: str | None = Field(None, description="Accepted and ignored.")
     backend: Backend | None = BACKEND_FIELD
     queue_deadline_s: QueueDeadline | None = QUEUE_DEADLINE_FIELD
 
-    @field_validator("n")
+    @field_validator("n", "presence_penalty", "frequency_penalty")
     @classmethod
-    def _one_choice(cls, value):
-        return _only(value, 1)
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, value, info):
-        return _only(value, 0)
+    def _neutral(cls, value, info):
+        return _only(cls, value, info)
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
         if self.stream_options is not None and not self.stream:
             raise ValidationError("'stream_options' is only allowed when 'stream' is true", field="stream_options")
         return self
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler):
+        """The document states `_stream_options_need_stream` (and each subclass inherits it)."""
+        schema = handler.resolve_ref_schema(handler(core_schema))
+        schema["anyOf"] = STREAM_OPTIONS_NEED_STREAM
+        return schema
 
 
 class CompletionRequest(OpenAIRequest):
@@ -84,14 +98,14 @@ class CompletionRequest(OpenAIRequest):
         "model": "SmolLM2-135M-Instruct.Q4_1", "prompt": "The capital of France is", "max_tokens": 16}]})
 
     prompt: str = Field(min_length=1, description="One prompt, as text (lists and token arrays are not supported).")
-    echo: bool | None = Field(None, description="Only false.")
-    logprobs: int | None = Field(None, description="Only null: log-probabilities are not returned.")
-    best_of: int | None = Field(None, description="Only 1.")
+    echo: bool | None = neutral_only(False, "Only false.")
+    logprobs: int | None = neutral_only(None, "Only null: log-probabilities are not returned.")
+    best_of: int | None = neutral_only(1, "Only 1.")
 
     @field_validator("echo", "logprobs", "best_of")
     @classmethod
-    def _neutral(cls, value, info):
-        return _only(value, {"echo": False, "logprobs": None, "best_of": 1}[info.field_name])
+    def _neutral_completion(cls, value, info):
+        return _only(cls, value, info)
 
 
 class ChatCompletionRequest(OpenAIRequest):
@@ -103,12 +117,12 @@ class ChatCompletionRequest(OpenAIRequest):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: MaxTokens | None = Field(None, description="Same as max_tokens (give one of the two).")
-    logprobs: bool | None = Field(None, description="Only false.")
+    logprobs: bool | None = neutral_only(False, "Only false.")
 
     @field_validator("logprobs")
     @classmethod
-    def _no_logprobs(cls, value):
-        return _only(value, False)
+    def _neutral_chat(cls, value, info):
+        return _only(cls, value, info)
 
     @model_validator(mode="after")
     def _one_max_tokens(self):

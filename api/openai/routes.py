@@ -71,7 +71,8 @@ def models():
 def _reply(answer, chunk) -> Reply:
     """A 200 that is JSON, or SSE chunks when the body says `stream: true`."""
     sse = sse_media({"chunk": chunk, "error": OpenAIErrorBody}, STREAM_DESCRIPTION,
-                    'data: {"id":"...","object":"...","choices":[...]}\n\ndata: [DONE]\n\n')
+                    'data: {"id":"...","object":"...","choices":[...]}\n\ndata: [DONE]\n\n',
+                    named_events=False, end_marker="[DONE]")
     return Reply("The answer (`stream: false`) or its chunks (`stream: true`).",
                  (Media("application/json", answer), sse), X_JOB_ID)
 

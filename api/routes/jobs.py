@@ -21,6 +21,9 @@ RESUME_DESCRIPTION = ("Server-sent events of the job, whatever its kind: a gener
 bp = Blueprint("jobs", __name__, url_prefix="/jobs")
 
 
+EVENT_ID = {"type": "string", "pattern": "^[0-9]+$"}
+"""An event id as a client sends it back: digits only (`last_event_id()` checks it)."""
+
 NOT_FOUND = {404: "No job with this id (never enqueued, or expired after BACKLOG_TTL_S)."}
 
 
@@ -34,8 +37,9 @@ def status(job_id: str):
 
 @bp.get("/<job_id>/stream")
 @operation("Resume a job's event stream", tag="jobs",
-           params=(Param("Last-Event-ID", "header", "Id of the last event seen; the replay starts after it."),
-                   Param("last_event_id", "query", "The same, for clients that cannot set headers.")),
+           params=(Param("Last-Event-ID", "header", "Id of the last event seen; the replay starts after it.",
+                         EVENT_ID),
+                   Param("last_event_id", "query", "The same, for clients that cannot set headers.", EVENT_ID)),
            responses={200: Reply("The events after Last-Event-ID, then the live ones.", (
                sse_media(ANY_JOB_EVENTS, RESUME_DESCRIPTION, STREAM_EXAMPLE),), X_JOB_ID),
                204: Reply("The client has seen the job's last event already.")},
@@ -74,11 +78,8 @@ def cancel(job_id: str):
 
 def last_event_id() -> int:
     """The id of the last event the client saw (0: none), from the header or the query string."""
-    raw = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0"
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if value < 0:
+    raw = request.headers.get("Last-Event-ID", request.args.get("last_event_id", "0"))
+    # Digits only: int() would also take " 7", "+7", "7_0" and other scripts' digits.
+    if not (raw.isascii() and raw.isdigit()):
         raise ValidationError(f"Last-Event-ID must be a non-negative integer, got {raw!r}", field="Last-Event-ID")
-    return value
+    return int(raw)

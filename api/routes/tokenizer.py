@@ -38,7 +38,7 @@ def detokenize():
     """The text of token ids; `detokenize(tokenize(text))` gives the text back."""
     body = parse_request_body(DetokenizeBody, get_settings())
     tokenizer = get_tokenizer()
-    size = tokenizer.backend.get_vocab_size(with_added_tokens=True)
+    size = tokenizer.vocabulary_size
     for position, token in enumerate(body.ids):
         if not 0 <= token < size:
             raise ValidationError(f"'ids[{position}]' is {token}, outside the vocabulary [0, {size})", field="ids")
