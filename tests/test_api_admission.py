@@ -54,7 +54,7 @@ def test_past_its_bound_a_lane_answers_429_at_once_in_json_with_retry_after(busy
 def test_the_openai_routes_refuse_in_openais_shape(busy_app, redis_client, live_worker):
     live_worker("cpu")
     client = busy_app.test_client()
-    open_streams(client, 3)  # garbage only once the test ends
+    _streams = open_streams(client, 3)  # kept open until the test ends
     refused = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2})
     assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
     assert refused.json["error"]["type"] == "requests" and refused.json["error"]["code"] == "overloaded"
