@@ -20,8 +20,8 @@ JOB_ERRORS = {
     "cancelled": (409, "The job was cancelled (DELETE /jobs/<id>)."),
     "invalid_job": (422, "The worker could not run the job as given (say, its own context is shorter)."),
     "job_lost": (502, "The job was lost (its worker died)."),
-    "queue_timeout": (503, "The job waited in its queue past its queue deadline (`queue_deadline_s`, or "
-                           "QUEUE_DEADLINE_S) and was never started."),
+    "queue_timeout": (429, "The pool was too busy to start the job within its queue deadline (`queue_deadline_s`, "
+                           "or QUEUE_DEADLINE_S): it waited that long and was never started (type `queue_timeout`)."),
     "timeout": (504, "The job ran past JOB_TIMEOUT_S."),
 }
 """Error types only workers (or the event follower) report -> their HTTP status and what it means; the

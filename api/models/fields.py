@@ -37,7 +37,7 @@ Backend = Literal["gpu", "cpu", "auto"]
 BACKEND_FIELD = Field(None, description="Worker pool: `gpu`, `cpu`, or `auto` (GPU when a GPU worker is live). "
                                         "The server's BACKEND_MODE when left out.")
 
-QueueDeadline = Annotated[float, Field(gt=0, le=86400)]
+QueueDeadline = Annotated[float, Field(ge=1, le=3600)]
 QUEUE_DEADLINE_FIELD = Field(None, description=(
     "Seconds the job may wait in its pool's queue; one that waited longer fails with a `queue_timeout` error "
     "instead of starting late for a client that may have gone. The server's QUEUE_DEADLINE_S (60 s by "

@@ -29,7 +29,7 @@ from api.openai.models import (
 )
 from api.openapi import Media, Reply, json_reply, operation, sse_media
 from api.prompts import check_prompt
-from api.routes.documentation import GENERATION_ERRORS, JOB_ERROR_DESCRIPTIONS, X_JOB_ID
+from api.routes.documentation import BLOCKING_ERRORS, X_JOB_ID
 from shared.exceptions import ModelNotFoundError
 from shared.model_files import MANIFEST, model_name
 
@@ -38,8 +38,7 @@ bp = Blueprint("openai", __name__, url_prefix="/v1")
 PREFIX = "/v1/"
 OWNER = "llm-stream-server"
 
-JOB_ERRORS = {**GENERATION_ERRORS, 404: "The `model` asked for is not served here (code `model_not_found`).",
-              **JOB_ERROR_DESCRIPTIONS}
+JOB_ERRORS = {**BLOCKING_ERRORS, 404: "The `model` asked for is not served here (code `model_not_found`)."}
 """Errors of the generation routes, in OpenAI's shape (`code` is the native error type)."""
 
 STREAM_DESCRIPTION = ("With `stream: true`: server-sent `data:` chunks (see `x-events`), then `data: [DONE]`. "

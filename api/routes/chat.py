@@ -17,8 +17,8 @@ from api.models.parsing import parse_request_body
 from api.openapi import Reply, json_reply, operation, sse_media
 from api.prompts import DROPPED_HEADER_DOC, fit_conversation
 from api.routes.documentation import (
+    BLOCKING_ERRORS,
     GENERATION_ERRORS,
-    JOB_ERROR_DESCRIPTIONS,
     STREAM_DESCRIPTION,
     STREAM_EXAMPLE,
     X_JOB_ID,
@@ -93,7 +93,7 @@ def stream_chat_beam() -> Response:
 @operation("Score given answers to a conversation (debug)", tag="chat", body=RerankBody,
            responses={200: json_reply("Every candidate's scores, and the winner.", ScoreDoneEvent,
                                       headers={**X_JOB_ID, **DROPPED_HEADER_DOC})},
-           errors={**GENERATION_ERRORS, **JOB_ERROR_DESCRIPTIONS})
+           errors=BLOCKING_ERRORS)
 def rerank_scores():
     """Score each candidate as the assistant's next turn: its LM score, its relevance, and the two combined.
 

@@ -15,8 +15,20 @@ GENERATION_ERRORS = {
 }
 """Error answers every generation route may give before the job starts."""
 
-JOB_ERROR_DESCRIPTIONS = {status: description for status, description in JOB_ERRORS.values()}
+def merge_errors(*tables: dict[int, str] | list[tuple[int, str]]) -> dict[int, str]:
+    """Status -> description tables as one, the descriptions of a status met twice joined."""
+    merged: dict[int, str] = {}
+    for table in tables:
+        for status, description in (table.items() if isinstance(table, dict) else table):
+            merged[status] = f"{merged[status]} Or: {description}" if status in merged else description
+    return dict(sorted(merged.items()))
+
+
+JOB_ERROR_DESCRIPTIONS = merge_errors(list(JOB_ERRORS.values()))
 """Error answers of a route that waits for its job to end (the job's `error` event, as an HTTP status)."""
+
+BLOCKING_ERRORS = merge_errors(GENERATION_ERRORS, JOB_ERROR_DESCRIPTIONS)
+"""Every error answer of a route that answers once its job has ended: before the job starts, and the job's own."""
 
 STREAM_EXAMPLE = ('id: 1\nevent: token\ndata: {"token":19556,"text":"Hello","index":0}\n\n'
                   'id: 2\nevent: done\ndata: {"job_id":"0f3c...","output_text":"Hello","output_ids":[19556],'

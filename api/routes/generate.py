@@ -11,8 +11,8 @@ from api.models.parsing import read_json_object
 from api.openapi import Reply, json_reply, operation, sse_media
 from api.prompts import GenerationRequest, parse_generation_request
 from api.routes.documentation import (
+    BLOCKING_ERRORS,
     GENERATION_ERRORS,
-    JOB_ERROR_DESCRIPTIONS,
     STREAM_DESCRIPTION,
     STREAM_EXAMPLE,
     X_JOB_ID,
@@ -31,7 +31,7 @@ def start_job() -> tuple[GenerationRequest, GenerationJob]:
 @bp.post("/generate")
 @operation("Generate text, answered in one piece", tag="generation", body=GenerationBody,
            responses={200: json_reply("The whole output.", GenerationResult)},
-           errors={**GENERATION_ERRORS, **JOB_ERROR_DESCRIPTIONS})
+           errors=BLOCKING_ERRORS)
 def generate():
     """Run a job to the end and answer with the whole output (built from the same events /stream relays)."""
     parsed, job = start_job()
