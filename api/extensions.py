@@ -1,4 +1,5 @@
-"""The app's shared clients, kept in `app.extensions`: settings, the Redis client, the lazy tokenizer."""
+"""The app's shared clients, kept in `app.extensions`: settings, the Redis client, the event hub, the lazy
+tokenizer."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import fields
 import redis
 from flask import Flask, current_app
 
+from shared.fanout import EventHub
 from shared.settings import Settings
 from shared.tokenizer import TextTokenizer, load_tokenizer
 
@@ -56,6 +58,7 @@ def init_app(app: Flask) -> None:
     app.extensions[EXTENSION_KEY] = {
         "settings": settings,
         "redis": client,
+        "events": EventHub(client),  # the process's one pub/sub connection, shared by its streams
         "tokenizer": LazyTokenizer(str(settings.model_path)),
     }
 
@@ -68,6 +71,16 @@ def get_settings() -> Settings:
 def get_redis() -> redis.Redis:
     """The current app's Redis client."""
     return current_app.extensions[EXTENSION_KEY]["redis"]
+
+
+def get_hub() -> EventHub:
+    """The current app's event hub (every stream's wake-ups)."""
+    return current_app.extensions[EXTENSION_KEY]["events"]
+
+
+def interrupt_streams(app: Flask) -> int:
+    """End `app`'s open event streams with a resumable `error` event (the process is stopping); how many."""
+    return app.extensions[EXTENSION_KEY]["events"].interrupt_streams()
 
 
 def get_tokenizer() -> TextTokenizer:
