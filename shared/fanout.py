@@ -147,9 +147,9 @@ class EventHub:
         return len(resumable)
 
     def followed_channels(self) -> int:
-        """How many channels local streams follow (for tests and benchmarks)."""
+        """How many channels local streams follow with their subscription in place (tests, benchmarks)."""
         with self._lock:
-            return len(self._subscriptions)
+            return len(self._live.intersection(self._subscriptions))
 
     def _listen(self) -> None:
         """The listener thread: (re)connect, apply subscriptions, hand messages out; end when idle."""
