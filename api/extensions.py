@@ -17,7 +17,10 @@ EXTENSION_KEY = "llm_api"
 """Key of this app's entry in `app.extensions`."""
 
 REDIS_CONNECT_TIMEOUT_S = 5.0
-"""How long to wait for Redis to accept a connection before answering 503."""
+"""How long to wait for Redis to accept a connection (or for a free one in the pool) before answering 503."""
+
+REDIS_MAX_CONNECTIONS = 16
+"""Redis connections one API process opens at most for commands (its event hub holds one more, for pub/sub)."""
 
 
 def settings_as_config(settings: Settings) -> dict:
@@ -53,8 +56,13 @@ def init_app(app: Flask) -> None:
     settings = settings_from_config(app.config)
     client = app.config.get("REDIS_CLIENT")
     if client is None:
-        # from_url connects lazily: a Redis that is down shows up as 503s, not as a failed start.
-        client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S)
+        # Connects lazily: a Redis that is down shows up as 503s, not as a failed start. The pool is bounded:
+        # a process's hundreds of stream threads share a few connections (each command holds one for
+        # a round trip) instead of keeping one open per thread that ever ran a command.
+        pool = redis.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=REDIS_MAX_CONNECTIONS, timeout=REDIS_CONNECT_TIMEOUT_S,
+            socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S)
+        client = redis.Redis(connection_pool=pool)
     app.extensions[EXTENSION_KEY] = {
         "settings": settings,
         "redis": client,
