@@ -174,6 +174,8 @@ class EventHub:
                     pubsub.close()
                     pubsub = None
                 self._connection_lost()
+                if self._exit_if_idle():  # no stream waits: stop retrying; the next stream starts a listener
+                    return
                 time.sleep(RECONNECT_S)
 
     def _connect(self):
