@@ -1,8 +1,8 @@
 """Aggregate tokens/s of one CPU pool with 1 and 2 workers, at 16 concurrent streams.
 
 `python -m bench.scale_out [--streams 16] [--tokens 64] [--repeats 2] [--write]`: a redis-server of its own,
-gunicorn (the Procfile's `web`) and the Procfile's `cpu` workers in three layouts of the same 2 cores: one
-worker on both cores, two workers on one core each taking up to 32 jobs, and two taking up to 8 (so 16
+gunicorn (the Procfile's `web`) and the Procfile's `cpu` workers in four layouts of the same 2 cores: one
+worker on both cores (or on one), two workers on one core each taking up to 32 jobs, and two taking up to 8 (so 16
 streams must spread). Each repeat sends the streams at once (greedy, `--tokens` each) and divides the tokens
 received by the time from the first request to the last `done`; it also counts the jobs each worker ran.
 Workers decode eagerly (COMPILE_DECODE=0) so that the five worker starts stay short.
@@ -28,6 +28,7 @@ PROMPTS = ["1, 2, 3, 4, 5,", "The days of the week are Monday,", "Once upon a ti
 
 LAYOUTS = {
     "1 worker, 2 threads, MAX_BATCH_SIZE=32": (1, "2", "32"),
+    "1 worker, 1 thread, MAX_BATCH_SIZE=32": (1, "1", "32"),
     "2 workers, 1 thread each, MAX_BATCH_SIZE=32": (2, "1", "32"),
     "2 workers, 1 thread each, MAX_BATCH_SIZE=8": (2, "1", "8"),
 }
