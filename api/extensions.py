@@ -1,4 +1,5 @@
-"""The app's shared clients, kept in `app.extensions`: settings, the Redis client, the lazy tokenizer."""
+"""The app's shared clients, kept in `app.extensions`: settings, the Redis client, the event hub, the lazy
+tokenizer."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import fields
 import redis
 from flask import Flask, current_app
 
+from shared.fanout import EventHub
 from shared.settings import Settings
 from shared.tokenizer import TextTokenizer, load_tokenizer
 
@@ -15,7 +17,10 @@ EXTENSION_KEY = "llm_api"
 """Key of this app's entry in `app.extensions`."""
 
 REDIS_CONNECT_TIMEOUT_S = 5.0
-"""How long to wait for Redis to accept a connection before answering 503."""
+"""How long to wait for Redis to accept a connection (or for a free one in the pool) before answering 503."""
+
+REDIS_MAX_CONNECTIONS = 16
+"""Redis connections one API process opens at most for commands (its event hub holds one more, for pub/sub)."""
 
 
 def settings_as_config(settings: Settings) -> dict:
@@ -51,11 +56,17 @@ def init_app(app: Flask) -> None:
     settings = settings_from_config(app.config)
     client = app.config.get("REDIS_CLIENT")
     if client is None:
-        # from_url connects lazily: a Redis that is down shows up as 503s, not as a failed start.
-        client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S)
+        # Connects lazily: a Redis that is down shows up as 503s, not as a failed start. The pool is bounded:
+        # a process's hundreds of stream threads share a few connections (each command holds one for
+        # a round trip) instead of keeping one open per thread that ever ran a command.
+        pool = redis.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=REDIS_MAX_CONNECTIONS, timeout=REDIS_CONNECT_TIMEOUT_S,
+            socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S)
+        client = redis.Redis(connection_pool=pool)
     app.extensions[EXTENSION_KEY] = {
         "settings": settings,
         "redis": client,
+        "events": EventHub(client),  # the process's one pub/sub connection, shared by its streams
         "tokenizer": LazyTokenizer(str(settings.model_path)),
     }
 
@@ -68,6 +79,16 @@ def get_settings() -> Settings:
 def get_redis() -> redis.Redis:
     """The current app's Redis client."""
     return current_app.extensions[EXTENSION_KEY]["redis"]
+
+
+def get_hub() -> EventHub:
+    """The current app's event hub (every stream's wake-ups)."""
+    return current_app.extensions[EXTENSION_KEY]["events"]
+
+
+def interrupt_streams(app: Flask) -> int:
+    """End `app`'s open event streams with a resumable `error` event (the process is stopping); how many."""
+    return app.extensions[EXTENSION_KEY]["events"].interrupt_streams()
 
 
 def get_tokenizer() -> TextTokenizer:

@@ -158,10 +158,10 @@ class ProcessGroup:
         self.processes: dict[str, subprocess.Popen] = {}
         self.logs: list = []
 
-    def start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+    def start(self, name: str, argv: list[str], env: dict[str, str], cwd: Path = ROOT) -> None:
         log = (self.log_dir / f"{name}.log").open("w")
         self.logs.append(log)
-        self.processes[name] = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        self.processes[name] = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                                 start_new_session=True)
 
     def check_alive(self) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import redis
 from redis.client import Pipeline
 
+from shared.fanout import INTERRUPT, RESYNC, EventHub, StreamInterrupted
 from shared.protocol import TERMINAL_EVENTS, ErrorBody, JobEvent
 
 KEY_PREFIX = "llm:job:"
@@ -116,57 +117,64 @@ def _ended_by(connection: redis.Redis, job_id: str, event_id: int) -> bool:
     return last.terminal and last.id <= event_id
 
 
-def follow(connection: redis.Redis, job_id: str, after_id: int = 0, *, keepalive_s: float = 5.0,
-           is_alive=None, check_every_s: float = 2.0) -> Iterator[Event | None]:
+def follow(hub: EventHub, job_id: str, after_id: int = 0, *, keepalive_s: float = 5.0, is_alive=None,
+           check_every_s: float = 2.0, resumable: bool = False) -> Iterator[Event | None]:
     """Yield a job's events after `after_id` until a terminal one; `None` every `keepalive_s` of silence.
 
-    `is_alive()` (optional) is asked every `check_every_s` of silence; when it says False (the job is gone,
-    for example its worker died for good), the stream ends with the job's last events if it published
-    any, else with a `job_lost` error, instead of waiting forever.
+    The wake-ups come through the process's `hub` (one pub/sub connection for every stream); the backlog is
+    read first, on a wake-up that does not follow on from the last event, and every `check_every_s` of
+    silence, so a wake-up lost to a reconnect costs at most that long. `is_alive()` (optional) is asked
+    then too; when it says False (the job is gone, for example its worker died for good), the stream ends
+    with the job's last events if it published any, else with a `job_lost` error, instead of waiting
+    forever. A `resumable` stream raises `StreamInterrupted` when the process stops (its client resumes).
     """
-    pubsub = connection.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(channel_name(job_id))
-    try:
+    connection = hub.connection
+    with hub.subscribe(channel_name(job_id), resumable=resumable) as wakeups:
         if after_id and _ended_by(connection, job_id, after_id):
             return  # the reader has seen the terminal event already (a reconnecting EventSource)
+        pending = read_backlog(connection, job_id, after_id)
         last_id = after_id
-        for event in read_backlog(connection, job_id, after_id):
-            last_id = event.id
-            yield event
-            if event.terminal:
-                return
         silent_since = checked_at = time.monotonic()
         while True:
-            message = pubsub.get_message(timeout=min(1.0, keepalive_s, check_every_s))
-            if message is not None and message.get("type") == "message":
-                event = Event.decode(message["data"])
-                if event.id <= last_id:
-                    continue
-                if event.id > last_id + 1:  # a gap should not happen; recover from the backlog
-                    events = read_backlog(connection, job_id, last_id)
-                else:
-                    events = [event]
-                for event in events:
-                    last_id = event.id
-                    yield event
-                    if event.terminal:
-                        return
-                silent_since = checked_at = time.monotonic()
-                continue
-            clock = time.monotonic()
-            if is_alive is not None and clock - checked_at >= check_every_s:
-                checked_at = clock
-                if not is_alive():
-                    for event in read_backlog(connection, job_id, last_id):  # it may have just finished
-                        last_id = event.id
-                        yield event
-                        if event.terminal:
-                            return
-                    yield Event.of(last_id + 1,
-                                   ErrorBody.of("job_lost", "the job ended without a result (worker lost)"))
+            for event in pending:
+                last_id = event.id
+                yield event
+                if event.terminal:
                     return
-            if clock - silent_since >= keepalive_s:
+            if pending:
+                silent_since = checked_at = time.monotonic()
+            wake = wakeups.get(timeout=min(1.0, keepalive_s, check_every_s))
+            if wake == INTERRUPT:
+                raise StreamInterrupted(job_id)
+            pending = _events_after(connection, job_id, last_id, wake) if wake is not None else []
+            clock = time.monotonic()
+            if not pending and clock - checked_at >= check_every_s:
+                checked_at = clock
+                pending = read_backlog(connection, job_id, last_id)  # the truth, whatever pub/sub delivered
+                if not pending and is_alive is not None and not is_alive():
+                    pending = _last_events(connection, job_id, last_id)
+            if not pending and clock - silent_since >= keepalive_s:
                 silent_since = clock
                 yield None
-    finally:
-        pubsub.close()
+
+
+def _events_after(connection: redis.Redis, job_id: str, last_id: int, wake: bytes | str) -> list[Event]:
+    """The events a wake-up brings: the message's event when it follows on from `last_id`, nothing for one
+    seen already, else (a gap, or `RESYNC`) the backlog after `last_id`."""
+    if wake != RESYNC:
+        event = Event.decode(wake)
+        if event.id <= last_id:
+            return []
+        if event.id == last_id + 1:
+            return [event]
+    return read_backlog(connection, job_id, last_id)
+
+
+def _last_events(connection: redis.Redis, job_id: str, last_id: int) -> list[Event]:
+    """The events of a job that will publish no more: the backlog after `last_id` (it may have just
+    finished), ending with a `job_lost` error when it has no terminal event."""
+    events = read_backlog(connection, job_id, last_id)
+    if events and events[-1].terminal:
+        return events
+    lost_id = (events[-1].id if events else last_id) + 1
+    return [*events, Event.of(lost_id, ErrorBody.of("job_lost", "the job ended without a result (worker lost)"))]

@@ -9,6 +9,7 @@ from rq.job import Job, JobStatus
 
 from api import create_app
 from shared.events import EventPublisher, cancel_key, follow
+from shared.fanout import EventHub
 from shared.protocol import DoneEvent, TokenEvent, Usage
 from tests.fixtures_jobs import SCRIPT, ScriptedWorker, enqueue_job, publish_generation, queued_jobs
 from tests.sse_client import parse_sse
@@ -64,7 +65,7 @@ def test_a_client_that_saw_the_end_gets_204_so_it_stops_reconnecting(client, red
 
 def test_follow_after_the_terminal_event_yields_nothing(redis_client):
     publish_generation(redis_client, "finishedjob", [1, 2])
-    assert list(follow(redis_client, "finishedjob", 5, keepalive_s=0.01, is_alive=lambda: True)) == []
+    assert list(follow(EventHub(redis_client), "finishedjob", 5, keepalive_s=0.01, is_alive=lambda: True)) == []
 
 
 def test_resumed_stream_replays_the_backlog_then_follows_live(client, redis_client):

@@ -24,6 +24,7 @@ from api.jobs.state import GONE_STATUSES, fetch_job, follow_job
 from api.models.generation import GenerationResult
 from shared.events import Event, backlog_key, read_backlog
 from shared.exceptions import NotFoundError
+from shared.fanout import EventHub
 from shared.lanes import Lane
 from shared.protocol import DoneEvent, ErrorBody, GenerationJob
 from shared.settings import Settings
@@ -119,15 +120,15 @@ def job_events(connection: redis.Redis, job_id: str, events: list[Event]) -> lis
         "job_lost", "the job ended without a result (worker lost, or its record expired)"))]
 
 
-def wait_for_all(connection: redis.Redis, record: BatchRecord, settings: Settings) -> list[dict]:
+def wait_for_all(hub: EventHub, record: BatchRecord, settings: Settings) -> list[dict]:
     """Every prompt's answer, waiting for each job to end (they run in parallel; this only reads them)."""
-    return [slot(record, index, list(_events_to_end(connection, job_id, settings)))
+    return [slot(record, index, list(_events_to_end(hub, job_id, settings)))
             for index, job_id in enumerate(record.job_ids)]
 
 
-def _events_to_end(connection: redis.Redis, job_id: str, settings: Settings) -> Iterator[Event]:
+def _events_to_end(hub: EventHub, job_id: str, settings: Settings) -> Iterator[Event]:
     """The job's events up to its terminal one (`job_lost` when its RQ job vanishes), keep-alives left out."""
-    with closing(follow_job(connection, job_id, settings)) as events:
+    with closing(follow_job(hub, job_id, settings)) as events:
         yield from (event for event in events if event is not None)
 
 

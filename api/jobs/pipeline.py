@@ -13,7 +13,7 @@ from typing import Protocol
 from flask import Response, request
 
 from api.errors import error_from_event
-from api.extensions import get_redis, get_settings
+from api.extensions import get_hub, get_redis, get_settings
 from api.jobs.routing import choose_backend, submit
 from api.jobs.sse import Encoder, relay, sse_response
 from api.jobs.state import follow_job, request_cancel
@@ -64,7 +64,7 @@ def collect(job: GenerationJob) -> DoneEvent:
     done_type = EVENTS_BY_KIND[job.kind]["done"]
     connection, settings = get_redis(), get_settings()
     checked_at = time.monotonic()
-    with closing(follow_job(connection, job.job_id, settings)) as events:
+    with closing(follow_job(get_hub(), job.job_id, settings)) as events:
         for event in events:
             if time.monotonic() - checked_at >= CLIENT_CHECK_S:
                 checked_at = time.monotonic()
@@ -98,6 +98,6 @@ def client_gone() -> bool:
 def stream(job: GenerationJob, encoder: Encoder | None = None) -> Response:
     """Relay the job's events as SSE (native frames unless `encoder` says otherwise); leaving cancels it."""
     connection, settings = get_redis(), get_settings()
-    frames = relay(follow_job(connection, job.job_id, settings), encoder=encoder,
+    frames = relay(follow_job(get_hub(), job.job_id, settings, resumable=True), encoder=encoder,
                    on_disconnect=lambda: request_cancel(connection, job.job_id, settings))
     return sse_response(frames, job.job_id)

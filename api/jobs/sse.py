@@ -12,12 +12,18 @@ from flask import Response
 
 from api.errors import REDIS_DOWN
 from shared.events import Event
+from shared.fanout import StreamInterrupted
 from shared.protocol import ErrorBody
 
 log = logging.getLogger(__name__)  # a child of the app's logger; frames are sent outside the app context
 
 KEEPALIVE = ": keep-alive\n\n"
 """A comment frame: keeps proxies from closing an idle stream and reveals a client that has left."""
+
+RESTART_MESSAGE = ("this API process is restarting; the job goes on: resume with GET /jobs/<id>/stream and "
+                   "Last-Event-ID (an EventSource reconnects by itself)")
+"""The `error` a stream ends with when its API process stops: it carries no id, so Last-Event-ID stays at
+the last event the client saw."""
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 """Stop caches and nginx from holding frames back."""
@@ -84,6 +90,8 @@ def relay(events: Iterator[Event | None], on_disconnect: Callable[[], None] | No
         except REDIS_DOWN as exc:
             log.warning("stream ended, redis unavailable: %s", exc)
             yield encoder.failure("unavailable", "the job store (Redis) stopped answering; reconnect to resume")
+        except StreamInterrupted:  # the server is stopping; the job goes on and the client resumes elsewhere
+            yield encoder.failure("unavailable", RESTART_MESSAGE)
 
 
 def sse_response(frames: Iterator[str], job_id: str) -> Response:

@@ -12,6 +12,7 @@ from rq.serializers import JSONSerializer
 from api.jobs.routing import live_workers
 from shared.events import Event, EventPublisher, backlog_key, cancel_key, follow
 from shared.exceptions import NotFoundError
+from shared.fanout import EventHub
 from shared.lanes import pool_of
 from shared.protocol import ErrorBody
 from shared.recovery import forget_executions, recover_abandoned
@@ -63,10 +64,14 @@ def alive_check(connection: redis.Redis, job_id: str, settings: Settings) -> Cal
     return is_alive
 
 
-def follow_job(connection: redis.Redis, job_id: str, settings: Settings, after_id: int = 0) -> Iterator[Event | None]:
-    """`shared.events.follow` for a job, ending with an error event if it fails, vanishes or has no worker."""
-    return follow(connection, job_id, after_id, keepalive_s=settings.keepalive_s,
-                  is_alive=alive_check(connection, job_id, settings), check_every_s=min(2.0, settings.keepalive_s))
+def follow_job(hub: EventHub, job_id: str, settings: Settings, after_id: int = 0, *,
+               resumable: bool = False) -> Iterator[Event | None]:
+    """`shared.events.follow` for a job, ending with an error event if it fails, vanishes or has no worker.
+
+    `resumable`: an event stream, which the process ends when it stops (the client resumes elsewhere).
+    """
+    return follow(hub, job_id, after_id, keepalive_s=settings.keepalive_s, resumable=resumable,
+                  is_alive=alive_check(hub.connection, job_id, settings), check_every_s=min(2.0, settings.keepalive_s))
 
 
 def last_event(connection: redis.Redis, job_id: str) -> Event | None:

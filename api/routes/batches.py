@@ -10,7 +10,7 @@ import uuid
 
 from flask import Blueprint, jsonify, url_for
 
-from api.extensions import get_redis, get_settings, get_tokenizer
+from api.extensions import get_hub, get_redis, get_settings, get_tokenizer
 from api.jobs.batch_store import create_batch, current_results, load_batch, progress, wait_for_all
 from api.jobs.routing import choose_backend
 from api.models.batches import BatchAccepted, BatchBody, BatchStatus
@@ -50,7 +50,7 @@ def generate_batch():
     if not body.wait:
         accepted = BatchAccepted(batch_id=record.batch_id, status="running", total=len(jobs))
         return jsonify(accepted.model_dump()), 202, {"Location": url_for("batches.batch", batch_id=record.batch_id)}
-    return jsonify(batch_id=record.batch_id, **progress(wait_for_all(connection, record, settings)))
+    return jsonify(batch_id=record.batch_id, **progress(wait_for_all(get_hub(), record, settings)))
 
 
 @bp.get("/batches/<batch_id>")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify, request
 
-from api.extensions import get_redis, get_settings
+from api.extensions import get_hub, get_redis, get_settings
 from api.jobs.sse import relay, sse_response
 from api.jobs.state import describe, follow_job, last_event, request_cancel, require_known
 from api.models.jobs import CancelResult, JobStatus
@@ -57,7 +57,7 @@ def resume(job_id: str) -> Response:
     if last is not None and last.terminal and after_id >= last.id:
         # The client saw the end already; 204 is what tells an EventSource to stop reconnecting.
         return Response(status=204, headers={"X-Job-Id": job_id})
-    return sse_response(relay(follow_job(connection, job_id, get_settings(), after_id)), job_id)
+    return sse_response(relay(follow_job(get_hub(), job_id, get_settings(), after_id, resumable=True)), job_id)
 
 
 @bp.delete("/<job_id>")
