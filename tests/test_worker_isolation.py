@@ -29,6 +29,7 @@ from workers.features import reranker as reranker_module
 from workers.features.beam import BeamSearch
 from workers.features.reranker import Reranker
 
+pytest_plugins = ["tests.engine_fixtures"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -46,16 +47,6 @@ JOBS = {  # name -> (kind, prompt); run in this order, so the first four run tog
     "score1": ("score", "My favourite colour is"),
 }
 FIRST_BATCH = ("gen0", "gen1", "beam0", "score0")
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture
