@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from shared.exceptions import ContextLengthError
 from shared.tokenizer import TextTokenizer
 from tests.engine_helpers import REAL_WEIGHTS as WEIGHTS
 from workers.cpu.decoder import INT8Decoder
 from workers.features.beam import BeamSearch, beam_search
-from workers.features.scoring import score_candidates
+from workers.features.scoring import CandidateScorer, score_candidates
 from workers.gpu.decoder import CUDADecoder
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -130,6 +131,62 @@ def test_scores_equal_beam_scores_and_prefer_greedy(tiny):
     random_ids = torch.randint(0, tokenizer.vocab_size, (8,), generator=torch.Generator().manual_seed(0)).tolist()
     good, bad = score_candidates(decoder, prompt, [greedy(decoder, prompt, 8, []), random_ids])
     assert good > bad
+
+
+@pytest.fixture
+def passes(tiny, monkeypatch) -> list[int]:
+    """Tokens fed by each forward pass of the tiny fp32 decoder's model (rows x new tokens), as they happen."""
+    model = tiny[0].model
+    forward = model.forward
+    seen = []
+
+    def counting(tokens, *args, **kwargs):
+        seen.append(tokens.numel())
+        return forward(tokens, *args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counting)
+    return seen
+
+
+def test_a_long_prompt_is_prefilled_a_chunk_per_step_and_the_beams_still_match_transformers(tiny, passes):
+    decoder, hf, tokenizer = tiny
+    prompt = tokenizer.encode(" ".join([RAW] * 8))  # several chunks of 8
+    eos = tokenizer.eos_token_ids
+    search = BeamSearch(decoder, prompt, 3, 8, 1.0, eos, prefill_chunk=8)
+    steps = 1
+    while not search.step():
+        steps += 1
+    chunks = -(-len(prompt) // 8)
+    assert len(prompt) > 24 and steps == chunks - 1 + 8  # the last chunk's step makes the first choice
+    assert passes[:chunks] == [8] * (chunks - 1) + [len(prompt) - 8 * (chunks - 1)] and max(passes) <= 8
+    assert_same_beams(search.results(), hf_beams(hf, prompt, 3, 8, eos))
+
+
+def test_scoring_runs_a_chunk_per_step_and_agrees_with_beam_scores(tiny, passes):
+    decoder, _, tokenizer = tiny
+    prompt = tokenizer.encode(" ".join([RAW] * 8))
+    candidates = beam_search(decoder, prompt, 4, 10, 0.5, tokenizer.eos_token_ids)
+    passes.clear()
+    scorer = CandidateScorer(decoder, prompt, [c.token_ids for c in candidates], prefill_chunk=8)
+    steps = 1
+    while not scorer.step():  # one forward pass per step
+        steps += 1
+    assert steps == len(passes) and max(passes) <= 8
+    assert scorer.scores(0.5) == pytest.approx([c.score for c in candidates], abs=1e-4)
+    assert score_candidates(decoder, prompt, [c.token_ids for c in candidates], 0.5) == pytest.approx(
+        scorer.scores(0.5), abs=1e-5)  # in one pass each: the same up to rounding
+
+
+def test_scoring_single_token_candidates_needs_only_the_prompt(tiny, passes):
+    decoder, _, tokenizer = tiny
+    prompt = tokenizer.encode(RAW)
+    scorer = CandidateScorer(decoder, prompt, [[5], [7], [9]], prefill_chunk=4)
+    steps = 1
+    while not scorer.step():
+        steps += 1
+    assert steps == len(passes) == -(-len(prompt) // 4)
+    first = F.log_softmax(decoder.prefill(0, prompt).float(), dim=-1)
+    assert scorer.scores() == pytest.approx([first[5].item(), first[7].item(), first[9].item()], abs=1e-4)
 
 
 def test_bad_arguments(tiny):

@@ -181,6 +181,7 @@ def test_a_beam_job_streams_candidates_then_the_best_beam(connection, tiny_weigh
 def test_a_beam_ending_inside_a_character_lists_the_text_it_streams(tiny_weights):
     from types import SimpleNamespace
 
+    from workers.engine.engine import Engine
     from workers.features.beam import BeamCandidate
     from workers.features.tasks import BeamTask
     from workers.gpu.decoder import CUDADecoder
@@ -190,7 +191,7 @@ def test_a_beam_ending_inside_a_character_lists_the_text_it_streams(tiny_weights
                         sampling=SamplingParams(max_tokens=8), kind=JobKind.BEAM,
                         beam=BeamOptions(beam_width=1, use_rerank=False))
     decoder = CUDADecoder(device="cpu", max_batch_size=1, max_seq_len=64).load_weights(tiny_weights)
-    task = BeamTask(job, decoder, tokenizer.backend, tokenizer.eos_token_ids)
+    task = BeamTask(job, Engine(decoder, tokenizer.backend, tokenizer.eos_token_ids))
     unfinished = tokenizer.encode("ok \N{GRINNING FACE}")[:-1]  # the emoji's last byte never came
     task.search = SimpleNamespace(results=lambda: [BeamCandidate(unfinished, -1.0, False)])
     candidates, *tokens, done = task.finish()

@@ -6,6 +6,11 @@ takes more jobs without blocking whenever a slot is free (so other workers of th
 steps the engine, publishes every token, and settles each job through RQ's own bookkeeping, so the
 started / finished / failed / canceled registries and heartbeats stay right. Cancellation and job
 timeouts are checked between steps, since nothing can interrupt a job running in-process.
+
+One job's failure is that job's alone: an exception in its admission, in its beam search or scoring step,
+or in its own part of an engine step (`workers/engine/engine.py`) fails it with an `internal_error` event
+while the other jobs go on. Only the engine's shared decode pass, which no single job owns, fails the
+generation jobs together (beam and scoring jobs, on caches of their own, go on even then).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
 from shared.events import Event, EventPublisher, cancel_key, publish_many, read_backlog
-from shared.exceptions import ConfigurationError, ValidationError
+from shared.exceptions import ConfigurationError, ServiceError, ValidationError
 from shared.lanes import LANE_SLOTS_FIELD, LANES, Lane, lane_of, lane_slots, queue_name, record_finished
 from shared.model_files import force_offline
 from shared.protocol import DoneEvent, ErrorBody, GenerationJob, TokenEvent, Usage
@@ -38,7 +43,8 @@ from shared.tokenizer import load_tokenizer
 from workers.engine.decoder import Decoder
 from workers.engine.engine import Engine
 from workers.engine.sequence import FinishReason, Sequence, Update
-from workers.features.tasks import SIDE_TASKS, BeamTask, ScoreTask
+from workers.features.reranker import Reranker
+from workers.features.tasks import SIDE_TASKS, BeamTask, ScoreTask, load_reranker
 from workers.liveness import Liveness
 
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
@@ -83,6 +89,7 @@ class BatchingWorker(SimpleWorker):
         super().__init__(*args, **kwargs)
         self.listen_to_lanes()
         self.engine: Engine | None = None
+        self.reranker: Reranker | None = None  # None: no reranker files; jobs that need one fail `unavailable`
         self.running: dict[str, RunningJob] = {}
         self.liveness: Liveness | None = None
         self.draining_since: float | None = None  # monotonic time of the SIGTERM that started a drain
@@ -125,12 +132,25 @@ class BatchingWorker(SimpleWorker):
             except ConfigurationError as exc:
                 raise SystemExit(f"{self.name}: {exc}") from exc
             self.log.info("Worker %s: model loaded, batch of up to %d", self.name, self.engine.decoder.max_batch_size)
+            self.reranker = self.load_reranker()
         self.liveness = Liveness(self)
         self.liveness.start()
         try:
             return super().work(*args, **kwargs)
         finally:
             self.liveness.stop()
+
+    def load_reranker(self) -> Reranker | None:
+        """The beam and scoring jobs' reranker, loaded now rather than mid-batch (which stalled every stream);
+        None when its files are not installed: the worker serves on without it."""
+        try:
+            reranker = load_reranker()
+        except ConfigurationError as exc:
+            self.log.warning("Worker %s: no reranker (%s); beam jobs with use_rerank and scoring jobs will fail "
+                             "with `unavailable`", self.name, exc)
+            return None
+        self.log.info("Worker %s: reranker loaded from %s", self.name, reranker.folder)
+        return reranker
 
     # -- liveness: RQ's heartbeats, with WORKER_DEAD_S as every TTL (workers/liveness.py refreshes them) ----
 
@@ -170,7 +190,7 @@ class BatchingWorker(SimpleWorker):
                     self.admit_queued_jobs()
                 self.check_cancellations()
                 if self.engine.has_work:
-                    self.publish(self.engine.step())
+                    self.step_engine()
                 self.step_side_tasks()
         except REDIS_DOWN as exc:  # nothing can be published now: leave the jobs to recovery, wait, serve on
             self.log.error("Worker %s: Redis stopped answering mid-batch (%s); %d running jobs are left to "
@@ -185,6 +205,21 @@ class BatchingWorker(SimpleWorker):
             self.engine = self.engine_for(self.engine.decoder)  # the model stays loaded
         finally:
             self.set_state(WorkerStatus.IDLE)
+
+    def step_engine(self) -> None:
+        """One engine step, published. The engine fails a sequence whose own work raised by itself (see
+        `settle`); what still escapes it is the decode step's one forward pass over every running sequence,
+        which no single job can be blamed for: the generation jobs fail and the engine is rebuilt (the model
+        stays loaded), while beam and scoring jobs, on caches of their own, go on."""
+        try:
+            updates = self.engine.step()
+        except Exception:  # noqa: BLE001
+            self.log.exception("Worker %s: a batch step failed; its generation jobs fail", self.name)
+            for entry in [entry for entry in self.running.values() if entry.task is None]:
+                self.fail(entry, "internal_error", "the worker failed while generating", sys.exc_info())
+            self.engine = self.engine_for(self.engine.decoder)
+            return
+        self.publish(updates)
 
     def wait_for_redis(self) -> None:
         """Block until Redis answers again, retrying every REDIS_RETRY_MAX_S at most."""
@@ -282,8 +317,7 @@ class BatchingWorker(SimpleWorker):
                 if sent:
                     raise ResumeError("its worker died while publishing its result; a beam search or scoring job "
                                       "cannot resume from part of its events (send it again)")
-                entry.task = SIDE_TASKS[payload.kind](payload, self.engine.decoder, self.engine.tokenizer,
-                                                      self.engine.eos_token_ids)
+                entry.task = SIDE_TASKS[payload.kind](payload, self.engine, self.reranker)
             else:
                 resumed = [TokenEvent.model_validate(event.data).token for event in sent if event.type == "token"]
                 entry.sequence = Sequence(job.id, payload.prompt_ids, payload.sampling, self.engine.tokenizer)
@@ -296,6 +330,14 @@ class BatchingWorker(SimpleWorker):
             return
         except (KeyError, TypeError, ValueError, ValidationError) as exc:
             self.fail(entry, "invalid_job", str(exc), sys.exc_info())
+            return
+        except ServiceError as exc:  # say, a beam job with use_rerank on a worker without a reranker
+            self.fail(entry, exc.error_type, exc.message, sys.exc_info())
+            return
+        except REDIS_DOWN:
+            raise
+        except Exception as exc:  # noqa: BLE001 (a bug met by this job alone fails it alone)
+            self.fail_alone(entry, exc)
             return
         self.running[job.id] = entry
 
@@ -361,6 +403,9 @@ class BatchingWorker(SimpleWorker):
             except (ValueError, ValidationError) as exc:
                 self.fail(entry, "invalid_job", str(exc), sys.exc_info())
                 continue
+            except Exception as exc:  # noqa: BLE001 (the task's own work: nothing else is touched)
+                self.fail_alone(entry, exc)
+                continue
             publish_many(self.connection, [(entry.publisher, event) for event in events if not event.terminal])
             if finished:
                 self.succeed(entry, next(event for event in events if event.terminal))
@@ -381,9 +426,12 @@ class BatchingWorker(SimpleWorker):
         entry.publisher.publish(done)
 
     def settle(self, entry: RunningJob) -> None:
-        """Record a finished sequence's outcome in RQ: finished, failed (timeout) or canceled."""
+        """Record a finished sequence's outcome in RQ: finished, failed (its own work raised, or a timeout) or
+        canceled."""
         sequence = entry.sequence
-        if sequence.finish_reason != FinishReason.CANCELLED:
+        if sequence.finish_reason == FinishReason.FAILED:
+            self.fail_alone(entry, sequence.error)
+        elif sequence.finish_reason != FinishReason.CANCELLED:
             self.succeed(entry, self.result(entry))
         elif entry.timed_out:
             self.fail_timed_out(entry)
@@ -404,6 +452,11 @@ class BatchingWorker(SimpleWorker):
         self._finalize_failure(entry.job, entry.queue, entry.execution, exc_info)
         self.log_ended(entry)
         entry.publisher.publish(ErrorBody.of(error_type, message))
+
+    def fail_alone(self, entry: RunningJob, error: Exception) -> None:
+        """Fail a job whose own work raised `error`; RQ logs the traceback and keeps it with the failed job."""
+        self.fail(entry, "internal_error", f"the worker failed on this job ({type(error).__name__})",
+                  (type(error), error, error.__traceback__))
 
     def drop(self, entry: RunningJob) -> None:
         """Leave RQ's started registry for a job that has already ended, publishing nothing."""

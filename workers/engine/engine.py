@@ -4,6 +4,12 @@ A step is three parts, as in nano-vllm: schedule (admit waiting sequences into f
 prefill chunk for the sequence being admitted, then one decode step for all running ones) and postprocess
 (sample, detokenise, check stops, retire finished sequences and compact the cache). Running sequences
 sit in slots 0..B-1; the sequence being prefilled sits in slot B.
+
+Isolation: work that belongs to one sequence (its prefill, sampling its token, detokenizing, its stop
+checks) ends only that sequence when it raises: it finishes as FAILED with the exception, and the others go
+on. A group prefill that raises is retried one prompt at a time, a batched sampling one row at a time, so
+only the culprit fails. The decode step's one forward pass over every running sequence cannot be pinned on
+one of them: an exception there leaves `step()` (the worker then fails the running jobs).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
+import torch
 from tokenizers import Tokenizer
 
 from shared.limits import check_context
@@ -81,7 +88,7 @@ class Engine:
         """
         self.check_fits(len(sequence.prompt_ids), sequence.params.max_tokens)
         for token in resumed_ids:
-            self._accept(sequence, token)
+            self._record(sequence, token)  # raises: the caller refuses the sequence
         sequence.prefill_ids = sequence.prompt_ids + sequence.output_ids
         sequence.yields = yields
         ahead = len(self.waiting) if yields else next(
@@ -139,34 +146,74 @@ class Engine:
         return group
 
     def _prefill_group(self, group: list[Sequence]) -> list[Update]:
-        """Prefill short prompts in one padded pass; they join the running batch at once."""
+        """Prefill short prompts in one padded pass; they join the running batch at once.
+
+        A pass that raises is tried again one prompt at a time (each pass writes only its own prompts'
+        slots), so only a prompt whose own prefill fails ends, as FAILED.
+        """
         first = len(self.running)
-        logits = self.decoder.prefill_many(first, [s.prefill_ids for s in group])
+        try:
+            logits = self.decoder.prefill_many(first, [s.prefill_ids for s in group])
+        except Exception as exc:  # noqa: BLE001 (whatever it is, it ends one sequence, not the batch)
+            if len(group) == 1:
+                return [self._fail(group[0], exc)]
+            return [update for sequence in group for update in self._prefill_group([sequence])]
         for offset, sequence in enumerate(group):
             sequence.slot, sequence.prefilled = first + offset, len(sequence.prefill_ids)
             self.running.append(sequence)
-        tokens = sample(logits, [s.sampling for s in group])
-        return [self._accept(sequence, token) for sequence, token in zip(group, tokens)]
+        return self._sample(logits, group)
 
     def _prefill_chunk(self) -> list[Update]:
         sequence = self.prefilling
         chunk = sequence.prefill_ids[sequence.prefilled: sequence.prefilled + self.prefill_chunk]
-        logits = self.decoder.prefill(sequence.slot, chunk, start=sequence.prefilled)
+        try:
+            logits = self.decoder.prefill(sequence.slot, chunk, start=sequence.prefilled)
+        except Exception as exc:  # noqa: BLE001 (its slot is simply overwritten by the next admission)
+            self.prefilling = None
+            return [self._fail(sequence, exc)]
         sequence.prefilled += len(chunk)
         if sequence.prefilled < len(sequence.prefill_ids):
             return []
         self.prefilling = None
         self.running.append(sequence)
-        return [self._accept(sequence, sample(logits[None], [sequence.sampling])[0])]
+        return self._sample(logits[None], [sequence])
 
     def _decode(self) -> list[Update]:
         tokens = [s.output_ids[-1] for s in self.running]
         positions = [s.length - 1 for s in self.running]
-        logits = self.decoder.decode(tokens, positions)
-        next_tokens = sample(logits, [s.sampling for s in self.running])
-        return [self._accept(s, token) for s, token in zip(self.running, next_tokens)]
+        logits = self.decoder.decode(tokens, positions)  # one pass for all: a failure here is the batch's
+        return self._sample(logits, list(self.running))
+
+    def _sample(self, logits: torch.Tensor, sequences: list[Sequence]) -> list[Update]:
+        """Sample each sequence's next token from its row of `logits` `[B, vocab]` and accept it.
+
+        Sampling is row by row in effect, so when the batched call raises, each row is sampled alone and
+        only a sequence whose own sampling raises fails. (Random draws come last in `sample`, so the retry
+        repeats none unless a draw itself raised.)
+        """
+        try:
+            tokens = sample(logits, [s.sampling for s in sequences])
+        except Exception as exc:  # noqa: BLE001
+            if len(sequences) == 1:
+                return [self._fail(sequences[0], exc)]
+            return [update for row, sequence in enumerate(sequences)
+                    for update in self._sample(logits[row: row + 1], [sequence])]
+        return [self._accept(sequence, token) for sequence, token in zip(sequences, tokens)]
 
     def _accept(self, sequence: Sequence, token: int) -> Update:
+        """Record a sampled token; if the sequence's own bookkeeping raises, it alone ends, as FAILED."""
+        try:
+            return self._record(sequence, token)
+        except Exception as exc:  # noqa: BLE001 (a detokenizer or stop filter bug must not end the batch)
+            return self._fail(sequence, exc)
+
+    @staticmethod
+    def _fail(sequence: Sequence, error: Exception) -> Update:
+        """End `sequence` as FAILED: the worker reports `error` for its job alone."""
+        sequence.fail(error)
+        return Update(sequence, None, "", True)
+
+    def _record(self, sequence: Sequence, token: int) -> Update:
         """Record a sampled token: detokenise, look for stops, decide whether the sequence is done."""
         sequence.output_ids.append(token)
         sequence.sampling.observe(token)

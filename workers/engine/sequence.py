@@ -19,6 +19,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"
     EOS = "eos"
     CANCELLED = "cancelled"
+    FAILED = "failed"  # its own work raised (see `Sequence.error`); the rest of the batch went on
 
 
 class Sequence:
@@ -39,6 +40,8 @@ class Sequence:
         self.prefilled = 0
         self.slot: int | None = None
         self.finish_reason: FinishReason | None = None
+        self.error: Exception | None = None
+        """What ended a FAILED sequence."""
         self.cancel_requested = False
         self.yields = False
         """Batch work: it waits behind every waiting sequence that does not (set by `Engine.add`)."""
@@ -56,6 +59,10 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def fail(self, error: Exception) -> None:
+        """End the sequence because `error` struck its own work (prefill, sampling, detokenizing, stops)."""
+        self.finish_reason, self.error = FinishReason.FAILED, error
 
     @property
     def output_text(self) -> str:

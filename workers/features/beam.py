@@ -14,9 +14,11 @@ of transformers 5 for one prompt:
   heuristic for `early_stopping=False`; `True` and `"never"` are supported as there).
 
 The beams share the prompt's KV cache: the prompt is prefilled once into slot 0 of a private cache of W
-slots, and the first reorder (every beam's parent is beam 0) copies it to the other slots. Each later
-step decodes all W beams in one forward pass over that cache, so the decoder's running batch in its own
-cache is never touched and a worker may interleave `step()` with its other work.
+slots (`prefill_chunk` tokens per `step()`, so a long prompt stalls the worker's other work no longer than
+the engine's own chunks do; the step with the last chunk makes the first choice), and the first reorder
+(every beam's parent is beam 0) copies it to the other slots. Each later step decodes all W beams in one
+forward pass over that cache, so the decoder's running batch in its own cache is never touched and a worker
+may interleave `step()` with its other work.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 from shared.limits import check_context
 from workers.engine.decoder import Decoder
 from workers.engine.kv_cache import KVCache
+from workers.features.prefill import PromptPrefill
 
 NEG_INF = -1.0e9
 """The large negative score transformers uses to rule a beam or hypothesis out."""
@@ -63,7 +66,7 @@ class BeamSearch:
 
     def __init__(self, decoder: Decoder, prompt_ids: list[int], width: int, max_new_tokens: int,
                  length_penalty: float = 1.0, eos_token_ids: list[int] | tuple[int, ...] = (),
-                 early_stopping: bool | str = False):
+                 early_stopping: bool | str = False, prefill_chunk: int | None = None):
         if not prompt_ids:
             raise ValueError("beam search needs at least one prompt token")
         if width < 1 or max_new_tokens < 1:
@@ -75,6 +78,7 @@ class BeamSearch:
         self.early_stopping = early_stopping
         self.keep = max(2, 1 + len(self.eos)) * width  # K candidates kept per step
         self.cache = decoder.new_cache(width, max_len=len(prompt_ids) + max_new_tokens, static=True)
+        self.prompt = PromptPrefill(decoder, self.cache, self.prompt_ids, prefill_chunk)
         device = decoder.device
         self.running_scores = torch.full((width,), NEG_INF, device=device)  # [W] summed logprobs
         self.running_scores[0] = 0.0  # only beam 0 may expand at first: all beams are the same prompt
@@ -93,22 +97,26 @@ class BeamSearch:
             return ""
         return "length" if self.generated >= self.max_new_tokens else "converged"
 
-    def _logits(self) -> torch.Tensor:
-        """Next-token logits `[W, vocab]`: the prompt's prefill first, then one batched decode step."""
-        model = self.decoder.model
-        if self.generated == 0:
-            tokens = torch.tensor([self.prompt_ids], dtype=torch.long, device=self.decoder.device)
-            return model(tokens, self.cache, slice(0, 1), [0]).expand(self.width, -1)
+    def _logits(self) -> torch.Tensor | None:
+        """Next-token logits `[W, vocab]`: after the prompt's last prefill chunk (None before it), then one
+        batched decode step."""
+        if not self.prompt.done:
+            logits = self.prompt.step()
+            return None if logits is None else logits.expand(self.width, -1)
         last = [[beam[-1]] for beam in self.running_tokens]
         tokens = torch.tensor(last, dtype=torch.long, device=self.decoder.device)  # [W, 1]
         position = len(self.prompt_ids) + self.generated - 1
-        return model(tokens, self.cache, slice(0, self.width), [position] * self.width)
+        return self.decoder.model(tokens, self.cache, slice(0, self.width), [position] * self.width)
 
     def step(self) -> bool:
-        """Run one forward pass and advance the search by one token; returns whether it has finished."""
+        """Run one forward pass (a prompt chunk, or all beams' next token) and advance the search by one token
+        once the prompt is in; returns whether it has finished."""
         if self.done:
             return True
-        logprobs = F.log_softmax(self._logits().float(), dim=-1)  # [W, V]
+        logits = self._logits()
+        if logits is None:
+            return False  # more of the prompt to prefill
+        logprobs = F.log_softmax(logits.float(), dim=-1)  # [W, V]
         vocab = logprobs.shape[-1]
         accumulated = (logprobs + self.running_scores[:, None]).reshape(-1)  # [W * V]
         top_scores, top_index = torch.topk(accumulated, k=self.keep)  # [K]
@@ -181,7 +189,7 @@ class BeamSearch:
 
 def beam_search(decoder: Decoder, prompt_ids: list[int], width: int, max_new_tokens: int,
                 length_penalty: float = 1.0, eos_token_ids: list[int] | tuple[int, ...] = (),
-                early_stopping: bool | str = False) -> list[BeamCandidate]:
+                early_stopping: bool | str = False, prefill_chunk: int | None = None) -> list[BeamCandidate]:
     """Convenience: run a whole beam search and return its candidates, best first."""
     return BeamSearch(decoder, prompt_ids, width, max_new_tokens, length_penalty, eos_token_ids,
-                      early_stopping).run()
+                      early_stopping, prefill_chunk).run()

@@ -117,6 +117,11 @@ class Reranker:
         self.folder = folder.resolve()
         self.weight = weight
 
+    def load(self) -> Reranker:
+        """Load the embedding model now rather than on first use (a worker does so before it registers)."""
+        load_embedder(str(self.folder))
+        return self
+
     def relevance(self, context: str, candidates: list[str]) -> list[float]:
         """Cosine similarity of each candidate to the context (a long context keeps its latest part)."""
         embedder = load_embedder(str(self.folder))

