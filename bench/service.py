@@ -216,24 +216,53 @@ def service_environment(redis_url: str, max_batch_size: int, port: int = 0) -> d
 
 
 @contextmanager
-def running_service(redis_url: str, max_batch_size: int) -> Iterator[str]:
+def running_service(redis_url: str, max_batch_size: int, **env: str) -> Iterator[str]:
     """gunicorn (web) and one CPU worker from the Procfile on a flushed Redis db; yields the base URL."""
+    with running_service_group(redis_url, max_batch_size, **env) as (base_url, _):
+        yield base_url
+
+
+@contextmanager
+def running_service_group(redis_url: str, max_batch_size: int, **env: str) -> Iterator[tuple[str, ProcessGroup]]:
+    """`running_service`, also yielding its processes (`web` and `cpu`); `env` adds settings for both."""
     connection = redis.Redis.from_url(redis_url)
     connection.flushdb()
     port = free_port()
-    env = service_environment(redis_url, max_batch_size, port)
+    environment = {**service_environment(redis_url, max_batch_size, port), **env}
     base_url = f"http://127.0.0.1:{port}"
     group = ProcessGroup("service")
     commands = procfile_commands()
     try:
         for kind in ("web", "cpu"):
-            group.start(kind, ["bash", "-c", commands[kind]], env)
+            group.start(kind, ["bash", "-c", commands[kind]], environment)
         group.wait_until(lambda: requests.get(f"{base_url}/health", timeout=2).json()["workers"]["cpu"] >= 1,
                          "the cpu worker")
-        yield base_url
+        yield base_url, group
     finally:
         group.stop()
         connection.flushdb()
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants, in MB (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.split("/")[2]))
+    total, pending = 0, [pid]
+    while pending:
+        current = pending.pop()
+        pending.extend(children.get(current, []))
+        try:
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
 
 
 def gguf_model() -> Path:

@@ -107,13 +107,14 @@ def record_finished(pipe: Pipeline, queue: str, job_id: str) -> None:
 
 
 def finish_rate(connection: redis.Redis, queue: str) -> float | None:
-    """Jobs of `queue` ended per second lately, or None when fewer than two ended within the window."""
+    """Jobs of `queue` ended per second over the last FINISHED_WINDOW_S, or None when none ended.
+
+    Over the whole window, not since the oldest entry: jobs that started together end together, and a wave
+    of 32 ending within a second is not a rate of 32 jobs per second.
+    """
     clock = time.time()
-    ended = connection.zrangebyscore(finished_key(queue), clock - FINISHED_WINDOW_S, clock, withscores=True)
-    if len(ended) < 2:
-        return None
-    span = max(clock - ended[0][1], 1.0)
-    return (len(ended) - 1) / span
+    ended = connection.zcount(finished_key(queue), clock - FINISHED_WINDOW_S, clock)
+    return ended / FINISHED_WINDOW_S if ended else None
 
 
 def finished_key(queue: str) -> str:

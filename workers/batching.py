@@ -326,7 +326,7 @@ class BatchingWorker(SimpleWorker):
             self.fail(entry, "job_lost", str(exc), sys.exc_info())
             return
         except QueueDeadlineError as exc:
-            self.fail(entry, "queue_timeout", str(exc), sys.exc_info())
+            self.fail(entry, "queue_timeout", str(exc), sys.exc_info(), held_a_slot=False)
             return
         except (KeyError, TypeError, ValueError, ValidationError) as exc:
             self.fail(entry, "invalid_job", str(exc), sys.exc_info())
@@ -445,12 +445,16 @@ class BatchingWorker(SimpleWorker):
         except JobTimeoutException as exc:
             self.fail(entry, "timeout", str(exc), sys.exc_info())
 
-    def fail(self, entry: RunningJob, error_type: str, message: str, exc_info) -> None:
-        """Publish an `error` event and mark the job failed in RQ (never retried: its retries are for recovery)."""
+    def fail(self, entry: RunningJob, error_type: str, message: str, exc_info, *, held_a_slot: bool = True) -> None:
+        """Publish an `error` event and mark the job failed in RQ (never retried: its retries are for recovery).
+
+        A job that never `held_a_slot` (it failed before it could start) does not count in the lane's
+        throughput: it freed no room for the next one."""
         self.running.pop(entry.job.id, None)
         entry.job.retries_left = 0
         self._finalize_failure(entry.job, entry.queue, entry.execution, exc_info)
-        self.log_ended(entry)
+        if held_a_slot:
+            self.log_ended(entry)
         entry.publisher.publish(ErrorBody.of(error_type, message))
 
     def fail_alone(self, entry: RunningJob, error: Exception) -> None:

@@ -3,7 +3,7 @@
 A lane's work is its queued jobs plus those its workers run (RQ's started registry). It may hold what the
 pool's live workers run at once in that lane (their advertised slots, shared/lanes.py) plus an allowance of
 waiting jobs: MAX_QUEUED when set, otherwise what the lane's recent rate of ending jobs starts within
-MAX_QUEUE_WAIT_S (one per eight slots until the lane has a rate), so an admitted request starts within
+MAX_QUEUE_WAIT_S (one per 32 slots until the lane has a rate), so an admitted request starts within
 about that long. The batch lane's allowance is MAX_QUEUED_BATCH: batches are meant to
 wait. A refused request gets `Retry-After`: how long the lane's recent rate takes to make room for it.
 
@@ -29,11 +29,12 @@ from shared.exceptions import OverloadedError
 from shared.lanes import Lane, finish_rate, lane_slots, queue_name, worker_lane_slots
 from shared.settings import Settings
 
-FIRST_ALLOWANCE_SHARE = 8
-"""Before a lane has a recent rate (a cold start), it may hold one job waiting per this many slots."""
+FIRST_ALLOWANCE_SHARE = 32
+"""Before a lane has a recent rate (a cold start), it may hold one job waiting per this many slots (at least
+one): a job that waits for a slot without a known rate may wait a whole generation, so few should."""
 
 UNKNOWN_RATE_RETRY_S = 5
-"""Retry-After for a full lane that has ended fewer than two jobs in the last minute (its rate is unknown)."""
+"""Retry-After for a full lane that has ended no job in the last minute (its rate is unknown)."""
 
 MAX_RETRY_AFTER_S = 60
 """The longest Retry-After sent: estimates further out are guesses."""
@@ -46,7 +47,7 @@ class LaneBound:
     queue: str
     capacity: int  # jobs the pool's live workers run at once in this lane
     bound: int  # capacity plus the jobs allowed to wait
-    rate: float | None  # jobs ended per second lately (None: fewer than two in the window)
+    rate: float | None  # jobs ended per second over the last minute (None: none ended)
 
     def retry_after_s(self, excess: int) -> int:
         """Seconds until the lane has likely made room for `excess` more jobs."""
