@@ -26,7 +26,8 @@ from rq.timeouts import JobTimeoutException
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
-from shared.events import Event, EventPublisher, cancel_key, publish_many, read_backlog
+from shared import logs
+from shared.events import Event, cancel_key, publish_many, read_backlog
 from shared.exceptions import ConfigurationError, ValidationError
 from shared.model_files import force_offline
 from shared.protocol import DoneEvent, ErrorBody, GenerationJob, TokenEvent, Usage
@@ -38,6 +39,7 @@ from workers.engine.engine import Engine
 from workers.engine.sequence import FinishReason, Sequence, Update
 from workers.features.tasks import SIDE_TASKS, BeamTask, ScoreTask
 from workers.liveness import Liveness
+from workers.metrics import MeteredEngine, MeteredPublisher, WorkerMetrics
 
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 
@@ -47,6 +49,12 @@ REDIS_RETRY_MAX_S = 2.0
 MAX_SIDE_TASKS = 2
 """Beam searches and scoring jobs a worker runs at once (each holds a cache of its own)."""
 
+
+
+def job_log_ids(worker, item, *args, **kwargs) -> dict[str, str | None]:
+    """The ids a worker's log lines about a job carry: the job's, and the request's that created it."""
+    job = item.job if isinstance(item, RunningJob) else item
+    return {"job_id": job.id, "request_id": (job.meta or {}).get("request_id")}
 
 
 class ResumeError(Exception):
@@ -60,7 +68,7 @@ class RunningJob:
     job: Job
     queue: Queue
     execution: Execution
-    publisher: EventPublisher
+    publisher: MeteredPublisher
     sequence: Sequence | None
     started: float
     timed_out: bool = False
@@ -82,6 +90,7 @@ class BatchingWorker(SimpleWorker):
         self.liveness: Liveness | None = None
         self.draining_since: float | None = None  # monotonic time of the SIGTERM that started a drain
         self.hand_back_now = False  # a second signal: hand the running jobs back without waiting
+        self.metrics = WorkerMetrics()  # pushed to Redis by the liveness thread (workers/metrics.py)
 
     def build_decoder(self) -> Decoder:
         """The pool's decoder with its weights loaded."""
@@ -95,11 +104,12 @@ class BatchingWorker(SimpleWorker):
     def engine_for(self, decoder: Decoder) -> Engine:
         """An empty batching engine on `decoder`, with the worker's limits."""
         tokenizer = load_tokenizer(self.settings.model_dir)
-        return Engine(decoder, tokenizer.backend, tokenizer.eos_token_ids,
-                      prefill_chunk=self.settings.prefill_chunk,
-                      max_tokens_in_flight=self.settings.max_tokens_in_flight)
+        return MeteredEngine(decoder, tokenizer.backend, tokenizer.eos_token_ids, metrics=self.metrics,
+                             prefill_chunk=self.settings.prefill_chunk,
+                             max_tokens_in_flight=self.settings.max_tokens_in_flight)
 
     def work(self, *args, **kwargs) -> bool:
+        logs.configure(self.settings)  # LOG_FORMAT for our lines and RQ's
         if self.engine is None:
             try:
                 self.engine = self.load_engine()
@@ -220,12 +230,13 @@ class BatchingWorker(SimpleWorker):
                 return
             self.admit(*result)
 
+    @logs.for_job(job_log_ids)
     def admit(self, job: Job, queue: Queue) -> None:
         """Start `job` in RQ's registries and hand its sequence to the engine."""
         execution = self.prepare_execution(job)
         self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
         job.started_at = now()
-        publisher = EventPublisher(self.connection, job.id, self.settings.backlog_ttl_s)
+        publisher = MeteredPublisher(self.connection, job, self.settings.backlog_ttl_s, self.metrics)
         entry = RunningJob(job, queue, execution, publisher, sequence=None, started=time.monotonic())
         try:
             payload = GenerationJob.model_validate(job.kwargs["payload"])
@@ -258,6 +269,7 @@ class BatchingWorker(SimpleWorker):
         if sent:
             self.log.warning("Worker %s: job %s resumes after %d events (its previous worker died)", self.name,
                              entry.job.id, len(sent))
+        self.metrics.admitted(entry.job, entry.publisher, sent)
         return sent
 
     def check_cancellations(self) -> None:
@@ -325,12 +337,14 @@ class BatchingWorker(SimpleWorker):
                          usage=Usage(prompt_tokens=len(sequence.prompt_ids),
                                      completion_tokens=len(sequence.output_ids)))
 
+    @logs.for_job(job_log_ids)
     def succeed(self, entry: RunningJob, done: DoneEvent) -> None:
         """Mark the job finished in RQ (the `done` event's data is its result), then publish `done`."""
         self.running.pop(entry.job.id, None)
         self._finalize_success(entry.job, entry.queue, entry.execution, done.model_dump(mode="json"))
         entry.publisher.publish(done)
 
+    @logs.for_job(job_log_ids)
     def settle(self, entry: RunningJob) -> None:
         """Record a finished sequence's outcome in RQ: finished, failed (timeout) or canceled."""
         sequence = entry.sequence
@@ -341,6 +355,7 @@ class BatchingWorker(SimpleWorker):
         else:
             self.cancel(entry)
 
+    @logs.for_job(job_log_ids)
     def fail_timed_out(self, entry: RunningJob) -> None:
         """Fail a job that ran past its RQ timeout, as RQ's own death penalty would."""
         try:
@@ -348,6 +363,7 @@ class BatchingWorker(SimpleWorker):
         except JobTimeoutException as exc:
             self.fail(entry, "timeout", str(exc), sys.exc_info())
 
+    @logs.for_job(job_log_ids)
     def fail(self, entry: RunningJob, error_type: str, message: str, exc_info) -> None:
         """Publish an `error` event and mark the job failed in RQ (never retried: its retries are for recovery)."""
         self.running.pop(entry.job.id, None)
@@ -355,12 +371,14 @@ class BatchingWorker(SimpleWorker):
         self._finalize_failure(entry.job, entry.queue, entry.execution, exc_info)
         entry.publisher.publish(ErrorBody.of(error_type, message))
 
+    @logs.for_job(job_log_ids)
     def drop(self, entry: RunningJob) -> None:
         """Leave RQ's started registry for a job that has already ended, publishing nothing."""
         with self.connection.pipeline() as pipeline:
             self.cleanup_execution(entry.job, pipeline=pipeline, execution=entry.execution)
             pipeline.execute()
 
+    @logs.for_job(job_log_ids)
     def cancel(self, entry: RunningJob) -> None:
         """Publish a `cancelled` error event and move the job to RQ's canceled registry."""
         self.running.pop(entry.job.id, None)

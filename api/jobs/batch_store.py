@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import redis
 from rq.job import JobStatus
 
+from api.jobs import tracking
 from api.jobs.routing import submit_many
 from api.jobs.state import GONE_STATUSES, fetch_job, follow_job
 from api.models.generation import GenerationResult
@@ -64,6 +65,7 @@ def create_batch(connection: redis.Redis, jobs: list[GenerationJob], prompts: li
     with connection.pipeline() as pipe:
         pipe.hset(batch_key(record.batch_id), mapping=record.to_hash())
         pipe.expire(batch_key(record.batch_id), settings.batch_ttl_s)
+        tracking.claim(pipe, "batch", [record.batch_id], settings)
         submit_many(connection, pipe, jobs, settings, keep_s=settings.batch_ttl_s)
         pipe.execute()
     return record

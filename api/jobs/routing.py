@@ -7,6 +7,7 @@ from redis.client import Pipeline
 from rq import Queue, Worker
 from rq.serializers import JSONSerializer
 
+from api.jobs import tracking
 from shared.exceptions import NoWorkerError
 from shared.protocol import JOB_FUNCTION, GenerationJob
 from shared.recovery import retry_policy
@@ -46,6 +47,7 @@ def choose_backend(connection: redis.Redis, mode: str) -> str:
 def submit(connection: redis.Redis, job: GenerationJob, settings: Settings) -> None:
     """Enqueue `job` on its pool's queue as plain JSON, by the job function's dotted name."""
     queue = Queue(job.backend, connection=connection, serializer=JSONSerializer)
+    meta = tracking.start(connection, [job], settings)  # its owner (API keys) first, and the request's id
     queue.enqueue(
         JOB_FUNCTION,
         kwargs={"payload": job.model_dump(mode="json")},
@@ -55,6 +57,7 @@ def submit(connection: redis.Redis, job: GenerationJob, settings: Settings) -> N
         failure_ttl=settings.backlog_ttl_s,
         description=describe(job),
         retry=retry_policy(settings),  # a job whose worker dies resumes on another (shared/recovery.py)
+        meta=meta,
     )
 
 
@@ -66,11 +69,12 @@ def submit_many(connection: redis.Redis, pipeline: Pipeline, jobs: list[Generati
     outlive the events' backlog (BACKLOG_TTL_S).
     """
     by_pool: dict[str, list] = {}
+    meta = tracking.start(pipeline, jobs, settings)  # in the same MULTI: never a job without its owner
     for job in jobs:
         by_pool.setdefault(job.backend, []).append(Queue.prepare_data(
             JOB_FUNCTION, kwargs={"payload": job.model_dump(mode="json")}, job_id=job.job_id,
             timeout=settings.job_timeout_s, result_ttl=keep_s, failure_ttl=keep_s, description=describe(job),
-            retry=retry_policy(settings)))
+            retry=retry_policy(settings), meta=meta))
     for pool, data in by_pool.items():
         Queue(pool, connection=connection, serializer=JSONSerializer).enqueue_many(data, pipeline=pipeline)
 
