@@ -42,9 +42,13 @@ class SecuredFleet:
     def url(self, path: str) -> str:
         return self.service.url(path)
 
-    def log_lines(self, name: str) -> list[str]:
+    def log_text(self, kind: str) -> str:
+        """What a process has written so far (`web` or `cpu`)."""
+        return self.service.logs[f"secured-{kind}"].read_text()
+
+    def log_lines(self, kind: str) -> list[str]:
         """The non-empty lines a process has written so far (`web` or `cpu`)."""
-        return [line for line in self.service.logs[name].read_text().splitlines() if line.strip()]
+        return [line for line in self.log_text(kind).splitlines() if line.strip()]
 
 
 class RedisServer:
@@ -88,8 +92,8 @@ def secured(tmp_path_factory):
     service = Service(f"http://127.0.0.1:{port}", redis.Redis.from_url(server.url), {}, {})
     service.env = env
     try:
-        service.start("web", env)
-        service.start("cpu", env)
+        service.start("web", env, name="secured-web")  # log files of their own, beside the session's service
+        service.start("cpu", env, name="secured-cpu")
         service.wait_for_workers("cpu")
         yield SecuredFleet(service, metrics_dir)
     finally:
