@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from flask import Flask
 
-from api import errors, extensions, openapi
+from api import access, auth, cors, errors, extensions, limits, metrics, openapi
+from api.jobs import tracking
 from api.openai import routes as openai_routes
 from api.routes import batches, chat, demo, generate, health, jobs, tokenizer
 from shared.settings import Settings
@@ -33,6 +34,15 @@ def create_app(test_config: dict | None = None) -> Flask:
         app.config.from_mapping(test_config)
     extensions.init_app(app)
     errors.init_app(app)
+    settings = extensions.settings_from_config(app.config)
+    # Request hooks, in the order they run: the request id, the metrics, the key, the owner of the job or
+    # batch named, the key's limit; the access line and the metrics go last (after_request runs backwards).
+    access.init_app(app)
+    metrics.init_app(app)
+    auth.init_app(app, settings)
+    tracking.init_app(app)
+    limits.init_app(app, settings.max_concurrent_per_key)
+    cors.init_app(app, settings.split_list(settings.cors_origins))
     for blueprint in (generate.bp, chat.bp, batches.bp, jobs.bp, health.bp, tokenizer.bp, openapi.bp, demo.bp):
         app.register_blueprint(blueprint)
     openai_routes.init_app(app)

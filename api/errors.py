@@ -10,7 +10,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from werkzeug.exceptions import HTTPException
 
-from shared.exceptions import ConfigurationError, OverloadedError, ServiceError, UnavailableError
+from shared.exceptions import ConfigurationError, OverloadedError, ServiceError, UnauthorizedError, UnavailableError
 from shared.protocol import ErrorBody
 
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
@@ -69,6 +69,8 @@ def error_body(error: Exception) -> tuple[dict, int, list[tuple[str, str]]]:
         error = UnavailableError("the job store (Redis) does not answer; try again shortly")
     if isinstance(error, OverloadedError):
         return error.to_dict(), error.status, [("Retry-After", str(error.retry_after_s))]
+    if isinstance(error, UnauthorizedError):  # RFC 6750: say which scheme the key goes in
+        return error.to_dict(), error.status, [("WWW-Authenticate", 'Bearer realm="llm-stream-server"')]
     if isinstance(error, ServiceError):
         return error.to_dict(), error.status, []
     if isinstance(error, ConfigurationError):

@@ -38,6 +38,12 @@ TAGS = [
 ]
 """Groups of operations, in the order a reader meets them."""
 
+SECURITY_SCHEMES = {"apiKey": {
+    "type": "http", "scheme": "bearer",
+    "description": "With API_KEYS set, every route but the open ones (OPEN_ROUTES) wants `Authorization: Bearer <key>` "
+                   "and answers 401 without a valid one; jobs and batches are visible only to the key that made them."}}
+"""Swagger UI's Authorize button sends the key given there."""
+
 DOCUMENT_KEY = "openapi_document"
 """Where the built document is cached in `app.extensions` (routes do not change after start-up)."""
 
@@ -140,7 +146,8 @@ def build_document(app: Flask) -> dict:
                                 "OpenAPI 3.2's `itemSchema` does); `x-events` maps event names to their data."},
         "tags": TAGS,
         "paths": paths,
-        "components": {"schemas": definitions.get("$defs", {})},
+        "components": {"schemas": definitions.get("$defs", {}), "securitySchemes": SECURITY_SCHEMES},
+        "security": [{}, {"apiKey": []}],  # a key where the server asks for one (API_KEYS): README, "Security"
     }
 
 

@@ -62,3 +62,30 @@ def end_streams(worker):
         worker.log.warning("open event streams were not ended: the WSGI app is not the API's")
         return
     worker.log.info("stopping: ended %d open event streams (clients resume with Last-Event-ID)", count)
+
+
+# --- Logs and metrics (README, "Monitoring") -------------------------------------------------------------
+# gunicorn put the repository root (its chdir) on sys.path before reading this file.
+from shared import logs, metrics  # noqa: E402
+from shared.settings import Settings  # noqa: E402
+
+logconfig_dict = logs.dict_config(Settings.from_env())
+"""Gunicorn's own lines in LOG_FORMAT too; the API writes one access line per request (with its ids)."""
+
+metrics_dir, _ = metrics.prepare_multiprocess_dir(os.environ.get("PROMETHEUS_MULTIPROC_DIR", ""))
+"""prometheus-client's multiprocess mode: each API process keeps its values here; /metrics adds them up."""
+
+
+def on_starting(server):
+    """A new master: start the counts from zero (files of an earlier run would add to them)."""
+    metrics.clear_multiprocess_dir(metrics_dir)
+
+
+def child_exit(server, worker):
+    """An API process ended: its in-progress gauge no longer counts."""
+    metrics.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    """Remove the metrics folder if it is one this file made."""
+    metrics.remove_made_multiprocess_dir(metrics_dir)

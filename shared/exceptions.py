@@ -54,6 +54,19 @@ class OverloadedError(ServiceError):
         self.retry_after_s = max(1, int(retry_after_s))
 
 
+class UnauthorizedError(ServiceError):
+    """API keys are on and the request's `Authorization: Bearer` key is not one of them."""
+
+    status = 401
+    error_type = "invalid_api_key"
+
+
+class MissingApiKeyError(UnauthorizedError):
+    """API keys are on and the request carries no `Authorization: Bearer` header."""
+
+    error_type = "missing_api_key"
+
+
 class NotFoundError(ServiceError):
     """An unknown job or batch id."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -13,6 +14,9 @@ BACKENDS = ("gpu", "cpu")
 
 BACKEND_MODES = (*BACKENDS, "auto")
 """What `BACKEND_MODE` and a request's `backend` field may say."""
+
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def parse_bool(raw: str) -> bool:
@@ -57,6 +61,15 @@ class Settings:
     queue_deadline_s: float = 60.0  # a job that waited this long in its queue fails instead of starting; 0: never
     batch_lane_slots: int = 0  # slots of a worker batch items may hold; 0: three quarters of MAX_BATCH_SIZE
     crash_after_tokens: int = 0  # test-only fault hook: a worker exits abruptly once a job has this many tokens
+    # Security (README, "Security"): API keys, the routes open without one, a per-key limit, CORS.
+    api_keys: str = dataclasses.field(default="", repr=False)  # `[name:]key`, comma-separated; never in a repr
+    api_keys_file: str = ""  # a file of `[name:]key` lines (`#` comments), read at start-up; adds to API_KEYS
+    open_routes: str = "/,/static,/docs,/openapi.json,/health,/metrics"  # paths (and their subpaths) needing no key
+    max_concurrent_per_key: int = 0  # requests one API key may have in progress at once; 0: no limit
+    cors_origins: str = ""  # origins (comma-separated, or `*`) whose pages may call the API; none by default
+    # Logs (README, "Monitoring").
+    log_format: str = "text"  # `text` (human-readable) or `json` (one JSON object a line)
+    log_level: str = "INFO"
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:
@@ -83,6 +96,12 @@ class Settings:
                 f"BACKEND_MODE must be one of {', '.join(BACKEND_MODES)}, not {self.backend_mode!r}")
         if self.worker_device not in ("cuda", "cpu"):
             raise ConfigurationError(f"WORKER_DEVICE must be 'cuda' or 'cpu', not {self.worker_device!r}")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigurationError(f"LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ConfigurationError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
+        if self.max_concurrent_per_key < 0:
+            raise ConfigurationError("MAX_CONCURRENT_PER_KEY must be 0 (no limit) or more")
         for name in ("max_batch_size", "max_seq_len", "prefill_chunk", "max_tokens_in_flight", "max_batch_prompts",
                      "batch_ttl_s", "worker_dead_s", "max_queued_batch"):
             if getattr(self, name) < 1:
@@ -90,6 +109,11 @@ class Settings:
         for name in ("max_queued", "max_queue_wait_s", "queue_deadline_s", "batch_lane_slots"):
             if getattr(self, name) < 0:
                 raise ConfigurationError(f"{name.upper()} must not be negative")
+
+    @staticmethod
+    def split_list(raw: str) -> list[str]:
+        """The entries of a comma-separated setting, stripped, empty ones left out."""
+        return [entry.strip() for entry in raw.split(",") if entry.strip()]
 
     @property
     def model_path(self) -> Path:

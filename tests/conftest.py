@@ -61,5 +61,6 @@ def live_worker(redis_client):
 
 # Session-scoped fixtures: the real processes of the integration tests (one service for every module that
 # uses it) and the tiny model.
+from tests.secured_fleet import secured  # noqa: E402,F401
 from tests.service_fixtures import service, tiny_service  # noqa: E402,F401
 from tests.tiny_model import tiny_weights  # noqa: E402,F401

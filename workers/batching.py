@@ -32,7 +32,8 @@ from rq.timeouts import JobTimeoutException
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
-from shared.events import Event, EventPublisher, cancel_key, publish_many, read_backlog
+from shared import logs
+from shared.events import Event, cancel_key, publish_many, read_backlog
 from shared.exceptions import ConfigurationError, ServiceError, ValidationError
 from shared.lanes import LANE_SLOTS_FIELD, LANES, Lane, lane_of, lane_slots, queue_name, record_finished
 from shared.model_files import force_offline
@@ -46,12 +47,19 @@ from workers.engine.sequence import FinishReason, Sequence, Update
 from workers.features.reranker import Reranker
 from workers.features.tasks import SIDE_TASKS, BeamTask, ScoreTask, load_reranker
 from workers.liveness import Liveness
+from workers.metrics import MeteredEngine, MeteredPublisher, WorkerMetrics
 
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 
 REDIS_RETRY_MAX_S = 2.0
 """Longest wait between two tries to reach Redis while it is gone, so a worker serves within seconds of its return."""
 
+
+
+def job_log_ids(worker, item, *args, **kwargs) -> dict[str, str | None]:
+    """The ids a worker's log lines about a job carry: the job's, and the request's that created it."""
+    job = item.job if isinstance(item, RunningJob) else item
+    return {"job_id": job.id, "request_id": (job.meta or {}).get("request_id")}
 
 
 class ResumeError(Exception):
@@ -70,7 +78,7 @@ class RunningJob:
     queue: Queue
     lane: Lane
     execution: Execution
-    publisher: EventPublisher
+    publisher: MeteredPublisher
     sequence: Sequence | None
     started: float
     timed_out: bool = False
@@ -94,6 +102,7 @@ class BatchingWorker(SimpleWorker):
         self.liveness: Liveness | None = None
         self.draining_since: float | None = None  # monotonic time of the SIGTERM that started a drain
         self.hand_back_now = False  # a second signal: hand the running jobs back without waiting
+        self.metrics = WorkerMetrics()  # pushed to Redis by the liveness thread (workers/metrics.py)
 
     def listen_to_lanes(self) -> None:
         """`rq worker cpu` listens on every lane of pool `cpu` (shared/lanes.py), interactive work first."""
@@ -121,11 +130,12 @@ class BatchingWorker(SimpleWorker):
     def engine_for(self, decoder: Decoder) -> Engine:
         """An empty batching engine on `decoder`, with the worker's limits."""
         tokenizer = load_tokenizer(self.settings.model_dir)
-        return Engine(decoder, tokenizer.backend, tokenizer.eos_token_ids,
-                      prefill_chunk=self.settings.prefill_chunk,
-                      max_tokens_in_flight=self.settings.max_tokens_in_flight)
+        return MeteredEngine(decoder, tokenizer.backend, tokenizer.eos_token_ids, metrics=self.metrics,
+                             prefill_chunk=self.settings.prefill_chunk,
+                             max_tokens_in_flight=self.settings.max_tokens_in_flight)
 
     def work(self, *args, **kwargs) -> bool:
+        logs.configure(self.settings)  # LOG_FORMAT for our lines and RQ's
         if self.engine is None:
             try:
                 self.engine = self.load_engine()
@@ -291,6 +301,7 @@ class BatchingWorker(SimpleWorker):
                 Lane.BATCH: engine_room and running[Lane.BATCH] < slots[Lane.BATCH]}
         return [queue for queue in self._ordered_queues if room[lane_of(queue.name)]]
 
+    @logs.for_job(job_log_ids)
     def admit(self, job: Job, queue: Queue, *, from_intermediate: bool = False) -> None:
         """Start `job` in RQ's registries and hand its sequence to the engine (or start its side task).
 
@@ -300,7 +311,7 @@ class BatchingWorker(SimpleWorker):
         execution = self.prepare_execution(job)
         self.prepare_job_execution(job, remove_from_intermediate_queue=from_intermediate)
         job.started_at = now()
-        publisher = EventPublisher(self.connection, job.id, self.settings.backlog_ttl_s)
+        publisher = MeteredPublisher(self.connection, job, self.settings.backlog_ttl_s, self.metrics)
         lane = lane_of(queue.name)
         entry = RunningJob(job, queue, lane, execution, publisher, sequence=None, started=time.monotonic())
         try:
@@ -348,6 +359,7 @@ class BatchingWorker(SimpleWorker):
         if sent:
             self.log.warning("Worker %s: job %s resumes after %d events (its previous worker died)", self.name,
                              entry.job.id, len(sent))
+        self.metrics.admitted(entry.job, entry.publisher, sent)
         return sent
 
     def check_cancellations(self) -> None:
@@ -418,6 +430,7 @@ class BatchingWorker(SimpleWorker):
                          usage=Usage(prompt_tokens=len(sequence.prompt_ids),
                                      completion_tokens=len(sequence.output_ids)))
 
+    @logs.for_job(job_log_ids)
     def succeed(self, entry: RunningJob, done: DoneEvent) -> None:
         """Mark the job finished in RQ (the `done` event's data is its result), then publish `done`."""
         self.running.pop(entry.job.id, None)
@@ -425,6 +438,7 @@ class BatchingWorker(SimpleWorker):
         self.log_ended(entry)
         entry.publisher.publish(done)
 
+    @logs.for_job(job_log_ids)
     def settle(self, entry: RunningJob) -> None:
         """Record a finished sequence's outcome in RQ: finished, failed (its own work raised, or a timeout) or
         canceled."""
@@ -438,6 +452,7 @@ class BatchingWorker(SimpleWorker):
         else:
             self.cancel(entry)
 
+    @logs.for_job(job_log_ids)
     def fail_timed_out(self, entry: RunningJob) -> None:
         """Fail a job that ran past its RQ timeout, as RQ's own death penalty would."""
         try:
@@ -445,6 +460,7 @@ class BatchingWorker(SimpleWorker):
         except JobTimeoutException as exc:
             self.fail(entry, "timeout", str(exc), sys.exc_info())
 
+    @logs.for_job(job_log_ids)
     def fail(self, entry: RunningJob, error_type: str, message: str, exc_info, *, held_a_slot: bool = True) -> None:
         """Publish an `error` event and mark the job failed in RQ (never retried: its retries are for recovery).
 
@@ -462,12 +478,14 @@ class BatchingWorker(SimpleWorker):
         self.fail(entry, "internal_error", f"the worker failed on this job ({type(error).__name__})",
                   (type(error), error, error.__traceback__))
 
+    @logs.for_job(job_log_ids)
     def drop(self, entry: RunningJob) -> None:
         """Leave RQ's started registry for a job that has already ended, publishing nothing."""
         with self.connection.pipeline() as pipeline:
             self.cleanup_execution(entry.job, pipeline=pipeline, execution=entry.execution)
             pipeline.execute()
 
+    @logs.for_job(job_log_ids)
     def cancel(self, entry: RunningJob) -> None:
         """Publish a `cancelled` error event and move the job to RQ's canceled registry."""
         self.running.pop(entry.job.id, None)

@@ -41,6 +41,7 @@ class Liveness(threading.Thread):
                 self.beat()
                 for queue in self.worker.queues:
                     recover_abandoned(self.worker.connection, queue.name, self.worker.settings)
+                self.push_metrics()
             except RedisError as exc:  # Redis may be restarting: beat again at the next interval
                 log.warning("worker %s: heartbeat failed: %s", self.worker.name, exc)
 
@@ -52,6 +53,16 @@ class Liveness(threading.Thread):
             self.worker.maintain_heartbeats(entry.job, entry.execution)
         if not running:
             self.worker.heartbeat()
+
+    def push_metrics(self) -> None:
+        """Leave the worker's metrics in Redis for the API's /metrics, as long-lived as its heartbeat."""
+        worker = self.worker
+        try:
+            worker.metrics.push(worker.connection, worker.name, worker.queue_names(), worker.settings.worker_dead_s)
+        except RedisError:
+            raise
+        except Exception:  # noqa: BLE001 - metrics must never stop the heartbeat
+            log.exception("worker %s: could not push its metrics", worker.name)
 
     def stop(self) -> None:
         """End the thread (the worker is shutting down)."""

@@ -19,6 +19,7 @@ import redis
 from redis.client import Pipeline
 from rq.job import JobStatus
 
+from api.jobs import tracking
 from api.jobs.routing import submit
 from api.jobs.state import GONE_STATUSES, fetch_job, follow_job
 from api.models.generation import GenerationResult
@@ -69,6 +70,7 @@ def create_batch(connection: redis.Redis, jobs: list[GenerationJob], prompts: li
     def write_record(pipe: Pipeline) -> None:
         pipe.hset(batch_key(record.batch_id), mapping=record.to_hash())
         pipe.expire(batch_key(record.batch_id), settings.batch_ttl_s)
+        tracking.claim(pipe, "batch", [record.batch_id], settings)
 
     submit(connection, jobs, Lane.BATCH, settings, keep_s=settings.batch_ttl_s, also=write_record)
     return record

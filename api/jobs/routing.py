@@ -8,6 +8,7 @@ import redis
 from redis.client import Pipeline
 from rq import Queue
 
+from api.jobs import tracking
 from api.jobs.admission import enqueue_within_bound
 from shared.exceptions import NoWorkerError
 from shared.lanes import Lane, worker_lane_slots
@@ -51,9 +52,10 @@ def submit(connection: redis.Redis, jobs: list[GenerationJob], lane: Lane, setti
     default), which may outlive the events' backlog. `also` adds the caller's writes to the same transaction.
     """
     keep_s = keep_s or settings.backlog_ttl_s
+    meta = tracking.start(connection, jobs, settings)  # their owner (API keys) first, and the request's id
     data = [Queue.prepare_data(JOB_FUNCTION, kwargs={"payload": job.model_dump(mode="json")}, job_id=job.job_id,
                                timeout=settings.job_timeout_s, result_ttl=keep_s, failure_ttl=keep_s,
-                               description=describe(job),
+                               description=describe(job), meta=meta,
                                retry=retry_policy(settings))  # a job whose worker dies resumes on another
             for job in jobs]
     enqueue_within_bound(connection, jobs[0].backend, lane, data, settings, also)

@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import redis
+from flask import has_request_context, request
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import JOB_ID_PATTERN, Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from api.jobs.routing import live_workers
+from api.metrics import count_cancellation
 from shared.events import Event, EventPublisher, backlog_key, cancel_key, follow
 from shared.exceptions import NotFoundError
 from shared.fanout import EventHub
@@ -87,6 +89,7 @@ def request_cancel(connection: redis.Redis, job_id: str, settings: Settings) -> 
     cancelled in RQ right away and gets a terminal `cancelled` error event, so its streams end now.
     """
     ended = end_job(connection, job_id, settings, ErrorBody.of("cancelled", "the job was cancelled before it started"))
+    count_cancellation("requested" if has_request_context() and request.method == "DELETE" else "client_left")
     return "cancelled" if ended else "cancelling"
 
 

@@ -1,10 +1,20 @@
 // Demo page: streams from POST /stream (prompt mode), POST /v1/chat/completions (chat mode) or
 // POST /stream_chat_beam (beam width > 1). fetch() with a streaming body, since EventSource cannot POST.
+// With API keys on, every call carries `Authorization: Bearer <key>` from the API key field (kept for the tab's
+// session only, in sessionStorage).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const run = { controller: null, jobId: null, started: 0, firstAt: 0, tokens: 0, text: "", finished: false };
 let history = [];  // chat turns: {role, content}
+
+const KEY_STORAGE = "llm-api-key";
+
+// The Authorization header for the key typed in (none when the field is empty).
+function authHeaders() {
+  const key = $("api-key").value.trim();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
 
 function mode() { return document.querySelector('input[name="mode"]:checked').value; }
 
@@ -178,6 +188,7 @@ function resetRun(userText) {
 async function errorText(response) {
   try {
     const body = await response.json();
+    if (response.status === 401) return `401: ${body.error.message} (enter a valid API key above)`;
     return `${response.status}: ${body.error.message}`;
   } catch (_) {
     return `${response.status} ${response.statusText}`;
@@ -196,7 +207,7 @@ async function send(event) {
   setState("streaming");
   try {
     const response = await fetch(request.url, {
-      method: "POST", headers: { "Content-Type": "application/json" },
+      method: "POST", headers: { "Content-Type": "application/json", ...authHeaders() },
       body: JSON.stringify(request.body), signal: run.controller.signal });
     run.jobId = response.headers.get("X-Job-Id");
     $("job-id").textContent = run.jobId || "–";
@@ -220,7 +231,7 @@ function stop() {
   if (run.finished || !run.controller) return;
   run.finished = true;
   run.controller.abort();
-  if (run.jobId) fetch(`/jobs/${run.jobId}`, { method: "DELETE" }).catch(() => {});
+  if (run.jobId) fetch(`/jobs/${run.jobId}`, { method: "DELETE", headers: authHeaders() }).catch(() => {});
   say("Stopped: the job was cancelled.", true);
   setState("stopped");
 }
@@ -233,11 +244,16 @@ function modeChanged() {
 
 async function showModel() {
   try {
-    const models = await (await fetch("/v1/models")).json();
+    const models = await (await fetch("/v1/models", { headers: authHeaders() })).json();
     $("model-name").textContent = models.data[0].id;
   } catch (_) { /* the page works without the name */ }
 }
 
+$("api-key").value = sessionStorage.getItem(KEY_STORAGE) || "";
+$("api-key").addEventListener("change", () => {
+  sessionStorage.setItem(KEY_STORAGE, $("api-key").value.trim());
+  showModel();
+});
 $("form").addEventListener("submit", send);
 $("stop").addEventListener("click", stop);
 $("new-chat").addEventListener("click", () => { history = []; renderHistory(); });
