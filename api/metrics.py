@@ -31,6 +31,7 @@ from api.errors import REDIS_DOWN
 from api.extensions import get_redis
 from api.jobs.routing import live_worker_counts
 from api.openapi import Media, Reply, operation
+from shared.lanes import LANES, queue_name
 from shared.metrics import MULTIPROC_ENV, WORKER_SET, worker_key
 from shared.settings import BACKENDS
 
@@ -158,9 +159,12 @@ class FleetCollector:
         yield from workers
 
     def pools(self):
-        depth = GaugeMetricFamily("llm_queue_depth", "Jobs waiting in the pool's queue for a worker.", labels=["pool"])
+        depth = GaugeMetricFamily("llm_queue_depth", "Jobs waiting in a lane of the pool for a worker.",
+                                  labels=["pool", "lane"])
         for pool in BACKENDS:
-            depth.add_metric([pool], self.connection.llen(Queue(pool, connection=self.connection).key))
+            for lane in LANES:
+                queue = Queue(queue_name(pool, lane), connection=self.connection)
+                depth.add_metric([pool, lane.value], self.connection.llen(queue.key))
         live = GaugeMetricFamily("llm_live_workers", "Workers of the pool that are alive (heart-beating).",
                                  labels=["pool"])
         for pool, count in live_worker_counts(self.connection).items():

@@ -87,7 +87,9 @@ def test_the_pools_are_read_from_redis_at_scrape_time(client, redis_client, live
     enqueue_job(redis_client)
     families = scrape(client)
     assert sample(families, "llm_redis_up") == 1
-    assert sample(families, "llm_queue_depth", pool="cpu") == 1 and sample(families, "llm_queue_depth", pool="gpu") == 0
+    assert sample(families, "llm_queue_depth", pool="cpu", lane="interactive") == 1
+    assert sample(families, "llm_queue_depth", pool="cpu", lane="batch") == 0
+    assert sample(families, "llm_queue_depth", pool="gpu", lane="interactive") == 0
     assert sample(families, "llm_live_workers", pool="cpu") == 2
     assert sample(families, "llm_live_workers", pool="gpu") == 0
 
