@@ -49,10 +49,12 @@ class Service:
     def url(self, path: str) -> str:
         return self.base_url + path
 
-    def start(self, kind: str, env: dict[str, str], name: str | None = None) -> subprocess.Popen:
+    def start(self, kind: str, env: dict[str, str], name: str | None = None,
+              command: str | None = None) -> subprocess.Popen:
+        """Start the Procfile's `kind` line (or `command` instead) as process `name`, its output to a log file."""
         name = name or kind
         log = self.logs.setdefault(name, Path(os.environ.get("TMPDIR", "/tmp")) / f"llm-test-{name}-{os.getpid()}.log")
-        process = subprocess.Popen(["bash", "-c", procfile_commands()[kind].strip()], cwd=ROOT, env=env,
+        process = subprocess.Popen(["bash", "-c", command or procfile_commands()[kind].strip()], cwd=ROOT, env=env,
                                    stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
         self.processes[name] = process
         return process
