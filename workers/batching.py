@@ -150,7 +150,7 @@ class BatchingWorker(SimpleWorker):
         self.liveness = Liveness(self)
         self.liveness.start()
         self.log.info("Worker %s: starting (registered; loading the model, jobs wait in the queue)", self.name)
-        stop_on_sigterm = signal.signal(signal.SIGTERM, self.stop_while_starting)
+        previous_sigterm = signal.signal(signal.SIGTERM, self.stop_while_starting)
         try:
             self.engine = self.load_engine()
             self.log.info("Worker %s: model loaded, batch of up to %d", self.name, self.engine.decoder.max_batch_size)
@@ -163,7 +163,7 @@ class BatchingWorker(SimpleWorker):
                 raise SystemExit(f"{self.name}: {exc}") from exc
             raise
         finally:
-            signal.signal(signal.SIGTERM, stop_on_sigterm)
+            signal.signal(signal.SIGTERM, previous_sigterm)
         self.log.info("Worker %s: ready after %.1f s", self.name, time.monotonic() - started)
 
     def stop_while_starting(self, signum, frame) -> None:
