@@ -9,7 +9,6 @@ each die on the same job (the CRASH_AFTER_TOKENS fault hook) make it fail after 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import threading
 import time
@@ -22,7 +21,7 @@ from rq.job import Job
 from rq.registry import StartedJobRegistry
 
 from shared.events import backlog_key
-from tests.service_fixtures import RedisServer, Service, free_port, service_environment
+from tests.service_fixtures import Service, free_port, own_redis_server, service_environment
 from tests.sse_client import iter_events
 
 pytestmark = [pytest.mark.integration, pytest.mark.model, pytest.mark.slow]
@@ -36,13 +35,8 @@ PROMPT = "1, 2, 3, 4, 5,"
 
 @pytest.fixture(scope="module")
 def redis_server():
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = RedisServer()
-    server.start()
-    yield server
-    if server.process.poll() is None:
-        server.stop()
+    with own_redis_server() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import json
 import os
 import queue
 import re
-import shutil
 import signal
 import subprocess
 import threading
@@ -23,7 +22,7 @@ import pytest
 import redis
 import requests
 
-from tests.service_fixtures import ROOT, RedisServer, Service, free_port, procfile_commands, service_environment
+from tests.service_fixtures import ROOT, Service, free_port, own_redis_server, procfile_commands, tiny_environment
 from tests.sse_client import iter_events
 from tests.startup_gate import START_GATE
 
@@ -42,29 +41,19 @@ REQUEST = {"prompt": "Hello", "max_tokens": 4, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
-def redis_server():
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = RedisServer()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def web(redis_server, tiny_weights):
-    """gunicorn on the tiny model, with no worker yet; each test starts its own."""
-    port = free_port()
-    env = service_environment(port, REDIS_URL=redis_server.url, MODEL_DIR=str(tiny_weights), COMPILE_DECODE="0",
-                              TORCH_THREADS="1", WORKER_DEAD_S=str(WORKER_DEAD_S), KEEPALIVE_S="1")
-    running = Service(f"http://127.0.0.1:{port}", redis.Redis.from_url(redis_server.url), {}, {})
-    running.env = env
-    try:
-        running.start("web", env, name="startup-web")
-        wait_for_health(running, lambda health: True)
-        yield running
-    finally:
-        running.stop_all()
+def web(tiny_weights):
+    """gunicorn on the tiny model and a redis-server of its own, with no worker yet; each test starts its own."""
+    with own_redis_server() as server:
+        port = free_port()
+        env = tiny_environment(port, server.url, tiny_weights, WORKER_DEAD_S=str(WORKER_DEAD_S), KEEPALIVE_S="1")
+        running = Service(f"http://127.0.0.1:{port}", redis.Redis.from_url(server.url), {}, {})
+        running.env = env
+        try:
+            running.start("web", env, name="startup-web")
+            wait_for_health(running, lambda health: True)
+            yield running
+        finally:
+            running.stop_all()
 
 
 def wait_for_health(service: Service, condition) -> dict:
@@ -169,23 +158,15 @@ def test_a_worker_killed_while_starting_stops_counting_and_its_request_ends_with
 def started(tiny_weights):
     """`bin/start` (honcho: gunicorn and one CPU worker, and the readiness watcher) on the tiny model and a
     redis-server of its own; its output lines, as they come. Stopped with SIGTERM, as Ctrl-C's honcho would be."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = RedisServer()
-    server.start()
-    port = free_port()
-    env = service_environment(port, REDIS_URL=server.url, MODEL_DIR=str(tiny_weights), COMPILE_DECODE="0",
-                              TORCH_THREADS="1")
-    process = subprocess.Popen([str(ROOT / "bin" / "start")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        yield lines_of(process)
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
+    with own_redis_server() as server:
+        env = tiny_environment(free_port(), server.url, tiny_weights)
+        process = subprocess.Popen([str(ROOT / "bin" / "start")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
-            process.wait(timeout=30)  # honcho stops gunicorn and the worker, then exits
+            yield lines_of(process)
         finally:
-            server.stop()
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=30)  # honcho stops gunicorn and the worker, then exits
 
 
 def test_bin_start_says_when_the_service_is_ready_and_how_to_try_it(started):
@@ -194,5 +175,6 @@ def test_bin_start_says_when_the_service_is_ready_and_how_to_try_it(started):
     assert match, lines[-1]
     print(f"bin/start on the tiny model: {lines[-1]}")
     tried = subprocess.run(match[2], shell=True, capture_output=True, text=True, timeout=WAIT_S)
+    assert tried.returncode == 0 and tried.stdout, (tried.returncode, tried.stderr, lines)
     answer = json.loads(tried.stdout)
     assert answer["finish_reason"] in ("length", "eos") and answer["usage"]["completion_tokens"] >= 1
