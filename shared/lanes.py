@@ -8,7 +8,9 @@ free within a step; beam and scoring jobs never stop a worker from taking the ot
 
 Workers advertise their room per lane in their RQ worker hash (`LANE_SLOTS_FIELD`) and log every job they end
 (`finished_key`), so the API can bound each lane's waiting work and tell a refused client when to come back
-(`api/jobs/admission.py`).
+(`api/jobs/admission.py`). A worker registers while it still loads its model, in the state `starting`: it
+counts for routing and the bound (its slots are known from its settings), so requests for its pool wait in the
+queue instead of being refused, but it takes no job until it is loaded.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import enum
 import json
 import time
+from dataclasses import dataclass
 
 import redis
 from redis.client import Pipeline
@@ -37,6 +40,9 @@ LANES = (Lane.INTERACTIVE, Lane.SIDE, Lane.BATCH)
 
 LANE_SLOTS_FIELD = "llm_lane_slots"
 """Field of a worker's RQ hash: JSON `{lane: jobs it runs at once}`, written when it registers."""
+
+STARTING = "starting"
+"""The `state` of a worker's RQ hash while it loads its model (RQ's own name for a worker not yet working)."""
 
 MAX_SIDE_TASKS = 2
 """Beam searches and scoring jobs a worker runs at once (each holds a cache of its own)."""
@@ -76,8 +82,16 @@ def lane_slots(max_batch_size: int, batch_lane_slots: int = 0) -> dict[Lane, int
             Lane.BATCH: max(1, min(batch, max_batch_size - 1))}
 
 
-def worker_lane_slots(connection: redis.Redis, pool: str, fallback: dict[Lane, int]) -> list[dict[str, int]]:
-    """Each live worker of `pool`: the jobs it runs at once per lane (one Redis round trip after the set read).
+@dataclass(frozen=True, slots=True)
+class PoolWorker:
+    """A live worker of a pool, as its RQ hash describes it."""
+
+    slots: dict[str, int]  # jobs it runs at once, per lane value
+    starting: bool  # still loading its model: it counts for routing and the admission bound, takes no job yet
+
+
+def pool_workers(connection: redis.Redis, pool: str, fallback: dict[Lane, int] | None = None) -> list[PoolWorker]:
+    """Each live worker of `pool`, starting ones included (one Redis round trip after the set read).
 
     A worker whose key expired (dead for WORKER_DEAD_S) is not listed; RQ drops it from the set later. One that
     does not advertise its slots (started by an older release, say) counts with `fallback`'s.
@@ -91,11 +105,17 @@ def worker_lane_slots(connection: redis.Redis, pool: str, fallback: dict[Lane, i
         rows = pipe.execute()
     live = []
     for state, birth, slots in rows:
-        if birth is None or state in (b"dead", "dead"):  # expired (hash gone) or marked dead
+        state = state.decode() if isinstance(state, bytes) else state
+        if birth is None or state == "dead":  # expired (hash gone) or marked dead
             continue
-        advertised = json.loads(slots) if slots else {lane.value: n for lane, n in fallback.items()}
-        live.append({lane: int(n) for lane, n in advertised.items()})
+        advertised = json.loads(slots) if slots else {lane.value: n for lane, n in (fallback or {}).items()}
+        live.append(PoolWorker({lane: int(n) for lane, n in advertised.items()}, starting=state == STARTING))
     return live
+
+
+def worker_lane_slots(connection: redis.Redis, pool: str, fallback: dict[Lane, int]) -> list[dict[str, int]]:
+    """Each live worker of `pool` (starting ones included): the jobs it runs at once per lane."""
+    return [worker.slots for worker in pool_workers(connection, pool, fallback)]
 
 
 def record_finished(pipe: Pipeline, queue: str, job_id: str) -> None:

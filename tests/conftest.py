@@ -59,6 +59,20 @@ def live_worker(redis_client):
     return register
 
 
+@pytest.fixture
+def starting_worker(redis_client):
+    """Register a worker of a pool as a batching worker does before it loads its model (state `starting`, slots
+    from its settings); returns the worker, whose `register_birth()` (as RQ's bootstrap calls it) makes it ready."""
+    from shared.settings import Settings
+    from workers.batching import BatchingWorker  # imports torch: only the tests that use this fixture pay for it
+
+    def register(pool: str, **settings) -> BatchingWorker:
+        worker = BatchingWorker([pool], connection=redis_client, settings=Settings.from_env({}, **settings))
+        worker.register_birth()
+        return worker
+    return register
+
+
 # Session-scoped fixtures: the real processes of the integration tests (one service for every module that
 # uses it) and the tiny model.
 from tests.secured_fleet import secured  # noqa: E402,F401

@@ -6,6 +6,7 @@ The processes are started exactly as the Procfile says (through bash, from the r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,10 +51,12 @@ class Service:
     def url(self, path: str) -> str:
         return self.base_url + path
 
-    def start(self, kind: str, env: dict[str, str], name: str | None = None) -> subprocess.Popen:
+    def start(self, kind: str, env: dict[str, str], name: str | None = None,
+              command: str | None = None) -> subprocess.Popen:
+        """Start the Procfile's `kind` line (or `command` instead) as process `name`, its output to a log file."""
         name = name or kind
         log = self.logs.setdefault(name, Path(os.environ.get("TMPDIR", "/tmp")) / f"llm-test-{name}-{os.getpid()}.log")
-        process = subprocess.Popen(["bash", "-c", procfile_commands()[kind].strip()], cwd=ROOT, env=env,
+        process = subprocess.Popen(["bash", "-c", command or procfile_commands()[kind].strip()], cwd=ROOT, env=env,
                                    stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
         self.processes[name] = process
         return process
@@ -112,6 +116,27 @@ class RedisServer:
         self.process.wait(timeout=10)
 
 
+@contextlib.contextmanager
+def own_redis_server() -> Iterator[RedisServer]:
+    """A started redis-server of the caller's own (the test skips without redis-server), stopped at the end unless
+    the test stopped it already."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.process.poll() is None:
+            server.stop()
+
+
+def tiny_environment(port: int, redis_url: str, weights: Path, **extra: str) -> dict[str, str]:
+    """The processes' environment for the tiny model on `redis_url`: eager decoding on one thread, quick to start."""
+    return service_environment(port, REDIS_URL=redis_url, MODEL_DIR=str(weights), COMPILE_DECODE="0",
+                               TORCH_THREADS="1", **extra)
+
+
 def service_environment(port: int, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(PATH=f"{ROOT / '.venv' / 'bin'}:{env.get('PATH', '')}", PORT=str(port), REDIS_URL=TEST_REDIS_URL,
@@ -148,22 +173,17 @@ def tiny_service(tiny_weights):
 
     MAX_NEW_TOKENS_LIMIT and MAX_BATCH_PROMPTS are small (the document states them, so fuzzed requests stay
     small too), but not below what the document's examples ask for; so is DEFAULT_MAX_TOKENS."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = RedisServer()
-    server.start()
-    port = free_port()
-    env = service_environment(port, REDIS_URL=server.url, MODEL_DIR=str(tiny_weights), COMPILE_DECODE="0",
-                              TORCH_THREADS="1", MAX_NEW_TOKENS_LIMIT="32", MAX_BATCH_PROMPTS="4",
-                              DEFAULT_MAX_TOKENS="4")
-    running = Service(f"http://127.0.0.1:{port}", redis.Redis.from_url(server.url), {}, {})
-    running.env = env
-    try:
-        running.start("web", env, name="tiny-web")
-        running.start("cpu", env, name="tiny-cpu")
-        running.wait_for_workers("cpu")
-        yield running
-    finally:
-        running.stop_all()
-        server.stop()
-        print(f"service logs: {running.logs}", file=sys.stderr)
+    with own_redis_server() as server:
+        port = free_port()
+        env = tiny_environment(port, server.url, tiny_weights, MAX_NEW_TOKENS_LIMIT="32", MAX_BATCH_PROMPTS="4",
+                               DEFAULT_MAX_TOKENS="4")
+        running = Service(f"http://127.0.0.1:{port}", redis.Redis.from_url(server.url), {}, {})
+        running.env = env
+        try:
+            running.start("web", env, name="tiny-web")
+            running.start("cpu", env, name="tiny-cpu")
+            running.wait_for_workers("cpu")
+            yield running
+        finally:
+            running.stop_all()
+            print(f"service logs: {running.logs}", file=sys.stderr)

@@ -101,6 +101,14 @@ def test_the_bound_comes_from_live_workers_slots_and_the_lanes_recent_rate(redis
     assert lane_bound(redis_client, "cpu", Lane.BATCH, settings).bound == 24 + settings.max_queued_batch
 
 
+def test_a_starting_workers_slots_count_for_the_bound(busy_app, redis_client, starting_worker):
+    starting_worker("cpu", max_batch_size=2)  # its slots are known from its settings before its model loads
+    assert lane_bound(redis_client, "cpu", Lane.INTERACTIVE, Settings(max_queued=1)).bound == 3
+    streams = open_streams(busy_app.test_client(), 4)
+    assert [stream.status_code for stream in streams] == [200, 200, 200, 429]  # 2 slots, 1 waiting, then full
+    assert queued_jobs(redis_client) == 3
+
+
 def test_running_batch_items_take_slots_from_the_interactive_lane(redis_client, live_worker):
     advertise(redis_client, live_worker("cpu"), interactive=8, side=2, batch=6)
     started = f"rq:wip:{queue_name('cpu', Lane.BATCH)}"

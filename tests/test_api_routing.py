@@ -62,3 +62,25 @@ def test_a_pool_without_live_workers_is_a_503_naming_it(client, redis_client, li
     assert response.json["error"]["type"] == "no_worker"
     assert f"'{named}'" in response.json["error"]["message"]
     assert queued_jobs(redis_client, "cpu") == queued_jobs(redis_client, "gpu") == 0
+
+
+@pytest.mark.parametrize("body", [{}, {"backend": "cpu"}], ids=["auto", "cpu"])
+def test_a_request_for_a_pool_whose_only_worker_is_starting_waits_in_its_queue(client, redis_client,
+                                                                               starting_worker, body):
+    starting_worker("cpu")  # registered, still loading its model
+    response = client.post("/stream", json={"prompt": "Hello", **body}, buffered=False)
+    assert response.status_code == 200 and response.headers["X-Job-Id"]
+    assert queued_jobs(redis_client, "cpu") == 1  # queued for the worker, not refused with a 503
+    response.close()
+
+
+def test_auto_prefers_a_ready_pool_to_a_starting_one(client, redis_client, live_worker, starting_worker):
+    starting_worker("gpu")
+    live_worker("cpu")
+    assert generate(client, redis_client, "cpu")["backend"] == "cpu"
+
+
+def test_auto_waits_for_a_starting_gpu_worker_first_when_no_pool_is_ready(client, redis_client, starting_worker):
+    starting_worker("cpu")
+    starting_worker("gpu")
+    assert generate(client, redis_client, "gpu")["backend"] == "gpu"

@@ -128,6 +128,19 @@ def test_a_queued_job_whose_pool_has_no_live_worker_left_ends_with_no_worker(app
     assert Job.fetch(job_id, connection=redis_client).get_status() == JobStatus.CANCELED
 
 
+def test_a_queued_job_whose_only_worker_dies_while_starting_ends_with_no_worker(app_config, redis_client,
+                                                                              starting_worker):
+    worker = starting_worker("cpu")
+    client = create_app({**app_config, "KEEPALIVE_S": 0.05}).test_client()
+    response = client.post("/stream", json={"prompt": "Hello"}, buffered=False)
+    frames = response.iter_encoded()
+    assert [next(frames) for _ in range(3)] == [b": keep-alive\n\n"] * 3  # waiting for the worker to load
+    redis_client.delete(worker.key)  # it died while loading: its key expired after WORKER_DEAD_S
+    events, _ = parse_sse(b"".join(frames).decode())
+    assert [e["event"] for e in events] == ["error"] and events[0]["data"]["error"]["type"] == "no_worker"
+    assert Job.fetch(response.headers["X-Job-Id"], connection=redis_client).get_status() == JobStatus.CANCELED
+
+
 def test_a_queued_job_waits_while_its_pool_has_a_live_worker(app_config, redis_client, live_worker):
     live_worker("cpu")
     client = create_app({**app_config, "KEEPALIVE_S": 0.05}).test_client()

@@ -9,7 +9,6 @@ each die on the same job (the CRASH_AFTER_TOKENS fault hook) make it fail after 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import threading
 import time
@@ -22,7 +21,8 @@ from rq.job import Job
 from rq.registry import StartedJobRegistry
 
 from shared.events import backlog_key
-from tests.service_fixtures import RedisServer, Service, free_port, service_environment
+from shared.lanes import LANES, queue_name
+from tests.service_fixtures import Service, free_port, own_redis_server, service_environment
 from tests.sse_client import iter_events
 
 pytestmark = [pytest.mark.integration, pytest.mark.model, pytest.mark.slow]
@@ -36,13 +36,8 @@ PROMPT = "1, 2, 3, 4, 5,"
 
 @pytest.fixture(scope="module")
 def redis_server():
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = RedisServer()
-    server.start()
-    yield server
-    if server.process.poll() is None:
-        server.stop()
+    with own_redis_server() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -122,9 +117,10 @@ def test_blocking_generate_and_batch_items_complete_across_a_worker_kill(fleet):
     blocking.start()
     batch = requests.post(fleet.url("/generate_batch"), json={"prompts": [PROMPT, PROMPT], "max_tokens": 60,
                                                               "temperature": 0, "wait": False}, timeout=30).json()
-    started = StartedJobRegistry("cpu", connection=fleet.redis)
+    started = [StartedJobRegistry(queue_name("cpu", lane), connection=fleet.redis) for lane in LANES]
     deadline = time.monotonic() + 120
-    while not (len(ids := started.get_job_ids()) == 3 and all(fleet.redis.llen(backlog_key(i)) >= 5 for i in ids)):
+    while not (len(ids := [i for registry in started for i in registry.get_job_ids()]) == 3
+               and all(fleet.redis.llen(backlog_key(i)) >= 5 for i in ids)):
         assert time.monotonic() < deadline, "the three jobs did not start on the one worker"
         time.sleep(0.05)
     holder = worker_pid(fleet, ids[0])

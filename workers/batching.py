@@ -15,8 +15,10 @@ generation jobs together (beam and scoring jobs, on caches of their own, go on e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -35,7 +37,7 @@ from rq.worker import SimpleWorker, WorkerStatus
 from shared import logs
 from shared.events import Event, cancel_key, publish_many, read_backlog
 from shared.exceptions import ConfigurationError, ServiceError, ValidationError
-from shared.lanes import LANE_SLOTS_FIELD, LANES, Lane, lane_of, lane_slots, queue_name, record_finished
+from shared.lanes import LANE_SLOTS_FIELD, LANES, STARTING, Lane, lane_of, lane_slots, queue_name, record_finished
 from shared.model_files import force_offline
 from shared.protocol import DoneEvent, ErrorBody, GenerationJob, TokenEvent, Usage
 from shared.recovery import forget_executions
@@ -115,8 +117,9 @@ class BatchingWorker(SimpleWorker):
         self._ordered_queues = self.queues[:]
 
     def lane_slots(self) -> dict[Lane, int]:
-        """Jobs of each lane this worker runs at once (shared/lanes.py)."""
-        return lane_slots(self.engine.decoder.max_batch_size, self.settings.batch_lane_slots)
+        """Jobs of each lane this worker runs at once (shared/lanes.py); known from its settings before it loads."""
+        size = self.engine.decoder.max_batch_size if self.engine is not None else self.settings.max_batch_size
+        return lane_slots(size, self.settings.batch_lane_slots)
 
     def build_decoder(self) -> Decoder:
         """The pool's decoder with its weights loaded."""
@@ -137,18 +140,45 @@ class BatchingWorker(SimpleWorker):
     def work(self, *args, **kwargs) -> bool:
         logs.configure(self.settings)  # LOG_FORMAT for our lines and RQ's
         if self.engine is None:
-            try:
-                self.engine = self.load_engine()
-            except ConfigurationError as exc:
-                raise SystemExit(f"{self.name}: {exc}") from exc
-            self.log.info("Worker %s: model loaded, batch of up to %d", self.name, self.engine.decoder.max_batch_size)
-            self.reranker = self.load_reranker()
-        self.liveness = Liveness(self)
-        self.liveness.start()
+            self.load_while_starting()
+        else:  # loaded by the caller (tests): RQ's bootstrap registers it, then the thread beats
+            self.liveness = Liveness(self)
+            self.liveness.start()
         try:
             return super().work(*args, **kwargs)
         finally:
             self.liveness.stop()
+
+    def load_while_starting(self) -> None:
+        """Load the model and the reranker while registered as `starting` (shared/lanes.py): requests for the
+        pool wait in its queue meanwhile instead of being refused, and no job is taken (RQ's loop starts after).
+        The liveness thread beats from the start, so a worker that dies while loading stops counting within
+        WORKER_DEAD_S; one that is stopped or fails leaves RQ's worker sets at once. RQ's bootstrap then
+        registers it again, ready."""
+        started = time.monotonic()
+        self.register_birth()
+        self.liveness = Liveness(self)
+        self.liveness.start()
+        self.log.info("Worker %s: starting (registered; loading the model, jobs wait in the queue)", self.name)
+        previous_sigterm = signal.signal(signal.SIGTERM, self.stop_while_starting)
+        try:
+            self.engine = self.load_engine()
+            self.log.info("Worker %s: model loaded, batch of up to %d", self.name, self.engine.decoder.max_batch_size)
+            self.reranker = self.load_reranker()
+        except BaseException as exc:
+            self.liveness.stop()
+            with contextlib.suppress(*REDIS_DOWN):  # without Redis the record expires within WORKER_DEAD_S
+                self.register_death()
+            if isinstance(exc, ConfigurationError):
+                raise SystemExit(f"{self.name}: {exc}") from exc
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+        self.log.info("Worker %s: ready after %.1f s", self.name, time.monotonic() - started)
+
+    def stop_while_starting(self, signum, frame) -> None:
+        """SIGTERM while loading: nothing runs yet, so leave at once (RQ's drain starts with its loop)."""
+        raise SystemExit(f"{self.name}: stopped while loading the model")
 
     def load_reranker(self) -> Reranker | None:
         """The beam and scoring jobs' reranker, loaded now rather than mid-batch (which stalled every stream);
@@ -168,19 +198,32 @@ class BatchingWorker(SimpleWorker):
         super().heartbeat(self.settings.worker_dead_s, pipeline=pipeline)
 
     def register_birth(self) -> None:
-        super().register_birth()
-        self.heartbeat()  # RQ gives a newborn's key worker_ttl + 60 s; ours lives WORKER_DEAD_S from the start
+        """Enter RQ's worker sets with RQ's record of a worker plus ours, in one transaction (no reader sees a
+        partial record): the lanes' slots, which the API's admission bound reads, and while the model loads the
+        state `starting`. The key lives WORKER_DEAD_S (RQ gives a newborn worker_ttl + 60 s). Called before
+        loading, by RQ's bootstrap once loaded (replacing the starting record), and by `ensure_registered`."""
+        first = self.birth_date is None
+        if first and self.connection.exists(self.key) and not self.connection.hexists(self.key, "death"):
+            raise ValueError(f"There exists an active worker named {self.name!r} already")  # as RQ's own check
+        self.birth_date = self.last_heartbeat = now()
         slots = {lane.value: n for lane, n in self.lane_slots().items()}
-        self.connection.hset(self.key, LANE_SLOTS_FIELD, json.dumps(slots))  # read by the API's admission bound
+        record = {**self.serialize(), LANE_SLOTS_FIELD: json.dumps(slots)}
+        if self.engine is None:
+            record["state"] = STARTING
+        with self.connection.pipeline() as pipe:
+            pipe.delete(self.key)
+            pipe.hset(self.key, mapping=record)
+            worker_registration.register(self, pipe)
+            pipe.expire(self.key, self.settings.worker_dead_s)
+            pipe.execute()
 
     def ensure_registered(self) -> None:
         """Register again if this worker's record is gone (Redis restarted empty, or the worker was frozen
         past WORKER_DEAD_S and counted dead): a live worker must be seen, and routed to, again."""
         if self.birth_date is None or self.draining_since is not None:
-            return  # RQ has not registered it yet (it does so first thing), or it is leaving on purpose
+            return  # not registered yet, or leaving on purpose
         if not self.connection.hexists(self.key, "birth"):
             self.log.warning("Worker %s: its registration had lapsed; registering again", self.name)
-            self.connection.delete(self.key)
             self.register_birth()
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:

@@ -11,33 +11,42 @@ from rq import Queue
 from api.jobs import tracking
 from api.jobs.admission import enqueue_within_bound
 from shared.exceptions import NoWorkerError
-from shared.lanes import Lane, worker_lane_slots
+from shared.lanes import Lane, pool_workers
 from shared.protocol import JOB_FUNCTION, GenerationJob
 from shared.recovery import retry_policy
 from shared.settings import BACKENDS, Settings
 
 
 def live_workers(connection: redis.Redis, pool: str) -> int:
-    """Live workers listening on `pool`, from RQ's registry (a worker whose heartbeat key expired is gone)."""
-    return len(worker_lane_slots(connection, pool, fallback={}))
+    """Live workers listening on `pool`, starting ones included (a request for their pool waits for them), from
+    RQ's registry: a worker whose heartbeat key expired is gone."""
+    return len(pool_workers(connection, pool))
 
 
-def live_worker_counts(connection: redis.Redis) -> dict[str, int]:
-    """Live workers of every pool."""
-    return {pool: live_workers(connection, pool) for pool in BACKENDS}
+def worker_counts(connection: redis.Redis) -> dict[str, dict[str, int]]:
+    """Per pool, its workers that take jobs (`ready`) and those still loading their model (`starting`)."""
+    counts = {}
+    for pool in BACKENDS:
+        workers = pool_workers(connection, pool)
+        starting = sum(worker.starting for worker in workers)
+        counts[pool] = {"ready": len(workers) - starting, "starting": starting}
+    return counts
 
 
 def choose_backend(connection: redis.Redis, mode: str) -> str:
-    """The pool for a request: `gpu` or `cpu` as asked, or for `auto` gpu when a gpu worker is live.
+    """The pool for a request: `gpu` or `cpu` as asked; for `auto`, the first of gpu and cpu with a ready worker,
+    else the first with a starting one (the request then waits in its queue for the worker to load).
 
-    Raises NoWorkerError (503) when the chosen pool has no live worker, so clients never wait on a
-    queue nobody reads.
+    Raises NoWorkerError (503) when the chosen pool has no live worker, starting or ready, so clients never wait
+    on a queue nobody reads.
     """
     if mode == "auto":
-        pool = "gpu" if live_workers(connection, "gpu") else "cpu"
-        if pool == "cpu" and not live_workers(connection, "cpu"):
-            raise NoWorkerError("no live worker in the 'gpu' or the 'cpu' pool")
-        return pool
+        counts = worker_counts(connection)
+        for state in ("ready", "starting"):
+            for pool in BACKENDS:  # gpu first
+                if counts[pool][state]:
+                    return pool
+        raise NoWorkerError("no live worker in the 'gpu' or the 'cpu' pool")
     if not live_workers(connection, mode):
         raise NoWorkerError(f"no live worker in the '{mode}' pool")
     return mode

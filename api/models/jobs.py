@@ -31,6 +31,11 @@ class CancelResult(BaseModel):
 class Health(BaseModel):
     """`GET /health` answer."""
 
-    status: Literal["ok", "unavailable"]
+    status: Literal["ok", "starting", "unavailable"] = Field(description=(
+        "`ok`: Redis answers (whether or not workers are ready); `starting`: no worker is ready yet but one is "
+        "loading its model (requests for its pool wait in the queue meanwhile); `unavailable`: Redis does not "
+        "answer."))
     redis: bool
-    workers: dict[str, int] = Field(description="Live workers per pool.")
+    workers: dict[str, int] = Field(description="Live workers per pool that take jobs now (ready).")
+    starting: dict[str, int] = Field(description="Workers per pool that are still loading their model: they "
+                                                 "count for routing, and take jobs once loaded.")
