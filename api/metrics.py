@@ -29,7 +29,7 @@ from rq import Queue
 
 from api.errors import REDIS_DOWN
 from api.extensions import get_redis
-from api.jobs.routing import live_worker_counts
+from api.jobs.routing import worker_counts
 from api.openapi import Media, Reply, operation
 from shared.lanes import LANES, queue_name
 from shared.metrics import MULTIPROC_ENV, WORKER_SET, worker_key
@@ -165,10 +165,11 @@ class FleetCollector:
             for lane in LANES:
                 queue = Queue(queue_name(pool, lane), connection=self.connection)
                 depth.add_metric([pool, lane.value], self.connection.llen(queue.key))
-        live = GaugeMetricFamily("llm_live_workers", "Workers of the pool that are alive (heart-beating).",
-                                 labels=["pool"])
-        for pool, count in live_worker_counts(self.connection).items():
-            live.add_metric([pool], count)
+        live = GaugeMetricFamily("llm_live_workers", "Workers of the pool that are alive (heart-beating), by "
+                                 "state: ready to take jobs, or still loading their model.", labels=["pool", "state"])
+        for pool, counts in worker_counts(self.connection).items():
+            for state, count in counts.items():
+                live.add_metric([pool, state], count)
         return [depth, live]
 
     def workers(self):

@@ -90,8 +90,8 @@ def test_the_pools_are_read_from_redis_at_scrape_time(client, redis_client, live
     assert sample(families, "llm_queue_depth", pool="cpu", lane="interactive") == 1
     assert sample(families, "llm_queue_depth", pool="cpu", lane="batch") == 0
     assert sample(families, "llm_queue_depth", pool="gpu", lane="interactive") == 0
-    assert sample(families, "llm_live_workers", pool="cpu") == 2
-    assert sample(families, "llm_live_workers", pool="gpu") == 0
+    assert sample(families, "llm_live_workers", pool="cpu", state="ready") == 2
+    assert sample(families, "llm_live_workers", pool="gpu", state="ready") == 0
 
 
 def test_workers_snapshots_are_merged_with_their_worker_and_pool(client, redis_client):

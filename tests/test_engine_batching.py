@@ -174,6 +174,21 @@ def test_a_worker_takes_only_what_its_next_prefill_uses(tiny_fp32, tiny_tokenize
     assert list(engine.waiting) == [taken[2]]  # over the budget: it waits for the next step
 
 
+def test_batch_work_waiting_for_its_prefill_never_keeps_an_interactive_request_out(tiny_fp32, tiny_tokenizer):
+    engine = Engine(tiny_fp32, tiny_tokenizer.backend, [], prefill_chunk=24)
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    batch = [Sequence(f"batch{i}", list(range(5, 35)), params, tiny_tokenizer.backend) for i in range(2)]  # 30 each
+    for sequence in batch:
+        engine.add(sequence, yields=True)
+    assert not engine.wants_more()  # more batch work would not be prefilled next
+    assert engine.wants_more(urgent=True)  # but an interactive request would go ahead of it
+    interactive = Sequence("interactive", [5, 6, 7], params, tiny_tokenizer.backend)
+    engine.add(interactive)
+    assert list(engine.waiting) == [interactive, *batch]
+    engine.step()
+    assert engine.running == [interactive]  # prefilled first; the long batch prompts follow chunk by chunk
+
+
 def test_a_full_batch_takes_no_more(tiny_dir, tiny_tokenizer):
     decoder = load_fp32(tiny_dir, max_batch_size=2)
     engine = Engine(decoder, tiny_tokenizer.backend, [], prefill_chunk=256)

@@ -155,7 +155,8 @@ def test_the_worker_s_metrics_come_through_the_api(secured):
     assert grew("llm_worker_step_duration_seconds_count") >= generated - 2
     worker_labels = {labels for (name, labels) in after if name == "llm_generation_tokens_total"}
     assert len(worker_labels) == 1 and ("pool", "cpu") in next(iter(worker_labels))
-    assert total(after, "llm_live_workers", pool="cpu") == 1 and total(after, "llm_queue_depth", pool="cpu") == 0
+    assert total(after, "llm_live_workers", pool="cpu", state="ready") == 1
+    assert total(after, "llm_queue_depth", pool="cpu") == 0
     assert total(after, "llm_worker_kv_positions_limit") == 32768 and total(after, "llm_redis_up") == 1
 
 

@@ -339,9 +339,9 @@ class BatchingWorker(SimpleWorker):
         running = {lane: 0 for lane in LANES}
         for entry in self.running.values():
             running[entry.lane] += 1
-        engine_room = self.engine.wants_more()
-        room = {Lane.INTERACTIVE: engine_room, Lane.SIDE: running[Lane.SIDE] < slots[Lane.SIDE],
-                Lane.BATCH: engine_room and running[Lane.BATCH] < slots[Lane.BATCH]}
+        room = {Lane.INTERACTIVE: self.engine.wants_more(urgent=True),
+                Lane.SIDE: running[Lane.SIDE] < slots[Lane.SIDE],
+                Lane.BATCH: self.engine.wants_more() and running[Lane.BATCH] < slots[Lane.BATCH]}
         return [queue for queue in self._ordered_queues if room[lane_of(queue.name)]]
 
     @logs.for_job(job_log_ids)

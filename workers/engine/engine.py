@@ -58,19 +58,22 @@ class Engine:
         """KV positions reserved by the sequences holding a slot."""
         return sum(s.reserved_tokens for s in self.active)
 
-    def wants_more(self) -> bool:
+    def wants_more(self, *, urgent: bool = False) -> bool:
         """Whether to take one more queued request: it would get a slot, and the next step's prefill.
 
         Requests that arrive together are then prefilled together, one padded pass for the group rather
         than one step each; taking no more than the next prefill uses leaves the rest of the queue to
-        other workers. Nothing is taken while a waiting request is held back by the KV budget.
+        other workers. Nothing is taken while a waiting request is held back by the KV budget. An `urgent`
+        request (one that does not yield) is added ahead of the yielding ones, so only those it would wait
+        behind count: a batch prompt waiting for its prefill never keeps an interactive request in Redis.
         """
         if len(self.active) + len(self.waiting) >= self.decoder.max_batch_size:
             return False
-        if not self.waiting:
+        ahead = [s for s in self.waiting if not (urgent and s.yields)]
+        if not ahead:
             return True
-        return (self.prefilling is None and self._can_admit(self.waiting[0], [])
-                and sum(len(s.prefill_ids) for s in self.waiting) < self.prefill_chunk)
+        return (self.prefilling is None and self._can_admit(ahead[0], [])
+                and sum(len(s.prefill_ids) for s in ahead) < self.prefill_chunk)
 
     def _can_admit(self, sequence: Sequence, joining: list[Sequence]) -> bool:
         """Whether `sequence` fits beside the running ones and those `joining` in this step."""
