@@ -17,7 +17,7 @@ from rq import Queue, Worker
 from shared.events import EventPublisher, cancel_key
 from shared.fanout import EventHub
 from shared.protocol import ErrorBody, TokenEvent
-from tests.service_fixtures import TEST_REDIS_URL, Service, free_port, service_environment
+from tests.service_fixtures import Service, free_port, own_redis_server, service_environment
 from tests.sse_client import iter_events
 from tests.test_fanout import follow_in_thread, wait_until_followed
 from tests.tiny_tokenizer import make_tokenizer_folder
@@ -27,10 +27,18 @@ pytestmark = [pytest.mark.integration]
 STREAMS = 50
 
 
+@pytest.fixture(scope="module")
+def redis_url():
+    """A redis-server of this module's own: the session's real worker, on the shared test database, must not
+    take the jobs these tests play the worker for."""
+    with own_redis_server() as server:
+        yield server.url
+
+
 @pytest.fixture
-def connection():
-    """The test database, empty before and after."""
-    client = redis.Redis.from_url(TEST_REDIS_URL)
+def connection(redis_url):
+    """The module's Redis, empty before and after."""
+    client = redis.Redis.from_url(redis_url)
     client.flushdb()
     yield client
     client.flushdb()
@@ -41,9 +49,9 @@ def pubsub_clients(connection: redis.Redis, name: str) -> list[dict]:
     return [client for client in connection.client_list() if client["name"] == name and int(client["sub"]) > 0]
 
 
-def test_one_pubsub_connection_serves_every_stream_and_survives_being_cut(connection):
+def test_one_pubsub_connection_serves_every_stream_and_survives_being_cut(connection, redis_url):
     name = f"relay-test-{uuid.uuid4().hex[:8]}"
-    hub = EventHub(redis.Redis.from_url(TEST_REDIS_URL, client_name=name))
+    hub = EventHub(redis.Redis.from_url(redis_url, client_name=name))
     jobs = [f"job-{number}" for number in range(STREAMS)]
     publishers = {job_id: EventPublisher(connection, job_id, ttl_s=60) for job_id in jobs}
     readers = [follow_in_thread(hub, job_id) for job_id in jobs]
@@ -68,7 +76,7 @@ def test_one_pubsub_connection_serves_every_stream_and_survives_being_cut(connec
 
 
 @pytest.fixture
-def api(connection, tmp_path):
+def api(connection, redis_url, tmp_path):
     """Starts gunicorn processes (the Procfile's `web`) on the test database, with a registered cpu worker
     that takes nothing (so jobs stay queued while the test plays the worker)."""
     worker = Worker([Queue("cpu", connection=connection)], connection=connection)
@@ -78,7 +86,7 @@ def api(connection, tmp_path):
 
     def start() -> Service:
         port = free_port()
-        env = service_environment(port, REDIS_URL=TEST_REDIS_URL, MODEL_DIR=str(model_dir), KEEPALIVE_S="1",
+        env = service_environment(port, REDIS_URL=redis_url, MODEL_DIR=str(model_dir), KEEPALIVE_S="1",
                                   WEB_CONCURRENCY="1", MAX_SEQ_LEN="128")
         service = Service(f"http://127.0.0.1:{port}", connection, {}, {})
         service.start("web", env)

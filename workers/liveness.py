@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
+from shared.lanes import pool_of
 from shared.recovery import recover_abandoned
 
 if TYPE_CHECKING:
@@ -58,7 +59,8 @@ class Liveness(threading.Thread):
         """Leave the worker's metrics in Redis for the API's /metrics, as long-lived as its heartbeat."""
         worker = self.worker
         try:
-            worker.metrics.push(worker.connection, worker.name, worker.queue_names(), worker.settings.worker_dead_s)
+            pools = list(dict.fromkeys(pool_of(name) for name in worker.queue_names()))  # its lanes are one pool
+            worker.metrics.push(worker.connection, worker.name, pools, worker.settings.worker_dead_s)
         except RedisError:
             raise
         except Exception:  # noqa: BLE001 - metrics must never stop the heartbeat

@@ -78,7 +78,9 @@ class SentenceEmbedder:
 
         force_offline()
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
 
+        transformers_logging.disable_progress_bar()  # a worker's log is lines (JSON with LOG_FORMAT=json), no bars
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.tail_tokenizer = AutoTokenizer.from_pretrained(folder, truncation_side="left")
         self.model = AutoModel.from_pretrained(folder).eval()
