@@ -25,8 +25,10 @@ from tests.sse_client import iter_events
 pytestmark = [pytest.mark.integration, pytest.mark.model, pytest.mark.slow]
 
 STREAMS = 16
-PROMPTS = ["1, 2, 3, 4, 5,", "The days of the week are Monday,"]
-"""Greedy continuations long enough to watch the fleet while they run."""
+PROMPTS = ["1, 2, 3, 4, 5,", "11, 12, 13, 14, 15,"]
+"""Greedy continuations long enough to watch the fleet while they run, with no near-tie (the model counts on), so a
+single stream's text is an oracle for every batch: "The days of the week are Monday," flipped between runs as the
+prompts were grouped differently."""
 
 MAX_TOKENS = 48
 
