@@ -19,7 +19,7 @@ import requests
 from rq import Worker
 from rq.job import Job
 
-from tests.service_fixtures import ROOT, TEST_REDIS_URL, Service, free_port, service_environment
+from tests.service_fixtures import ROOT, Service, free_port, own_redis_server, service_environment
 from tests.sse_client import iter_events
 
 pytestmark = [pytest.mark.integration, pytest.mark.model, pytest.mark.slow]
@@ -34,17 +34,25 @@ MAX_TOKENS = 48
 
 
 @pytest.fixture(scope="module")
-def fleet():
+def redis_url():
+    """A redis-server of the fleet's own: the session's worker on the shared test database would take jobs too."""
+    with own_redis_server() as server:
+        yield server.url
+
+
+@pytest.fixture(scope="module")
+def fleet(redis_url):
     """Two gunicorns and two CPU workers (eager decoding, one thread each, 8 jobs each at most)."""
-    connection = redis.Redis.from_url(TEST_REDIS_URL)
+    connection = redis.Redis.from_url(redis_url)
     connection.flushdb()
     ports = [free_port(), free_port()]
     apis = [Service(f"http://127.0.0.1:{port}", connection, {}, {}) for port in ports]
     workers = apis[0]  # the workers' processes are kept (and stopped) with the first API's
     # INT8_RESIDUAL: greedy output then stays with fp32's whatever the batch, so a single stream's text is the oracle
     # (one-pass INT8 can flip a near-tie when the prompts are prefilled in other groups).
-    env = {port: service_environment(port, WEB_CONCURRENCY="1", GUNICORN_THREADS="32", COMPILE_DECODE="0",
-                                     INT8_RESIDUAL="1", TORCH_THREADS="1", MAX_SEQ_LEN="512", MAX_BATCH_SIZE="8")
+    env = {port: service_environment(port, REDIS_URL=redis_url, WEB_CONCURRENCY="1", GUNICORN_THREADS="32",
+                                     COMPILE_DECODE="0", INT8_RESIDUAL="1", TORCH_THREADS="1", MAX_SEQ_LEN="512",
+                                     MAX_BATCH_SIZE="8")
            for port in ports}
     try:
         for port, api in zip(ports, apis):
@@ -89,19 +97,19 @@ class Stream:
         return self
 
 
-def rq_info() -> str:
+def rq_info(redis_url: str) -> str:
     """What an operator sees with `rq info` on the fleet's Redis."""
     rq = ROOT / ".venv" / "bin" / "rq"
-    return subprocess.run([str(rq), "info", "--url", TEST_REDIS_URL], capture_output=True, text=True, timeout=60,
+    return subprocess.run([str(rq), "info", "--url", redis_url], capture_output=True, text=True, timeout=60,
                           check=True).stdout
 
 
-def dashboard_pages(monkeypatch, job_ids: list[str]) -> dict[str, dict]:
+def dashboard_pages(monkeypatch, redis_url: str, job_ids: list[str]) -> dict[str, dict]:
     """rq-dashboard's data pages on the fleet's Redis, as `deploy/dashboard.py` serves them."""
     pytest.importorskip("rq_dashboard")
     from deploy.dashboard import create_app
 
-    monkeypatch.setenv("RQ_DASHBOARD_REDIS_URL", TEST_REDIS_URL)
+    monkeypatch.setenv("RQ_DASHBOARD_REDIS_URL", redis_url)
     client = create_app().test_client()
     pages = {"workers": "/rq-dashboard/0/data/workers.json", "queues": "/rq-dashboard/0/data/queues.json",
              "started": "/rq-dashboard/0/data/jobs/cpu/started/50/asc/1.json",
@@ -111,15 +119,15 @@ def dashboard_pages(monkeypatch, job_ids: list[str]) -> dict[str, dict]:
     return {name: answer.get_json() for name, answer in answers.items()}
 
 
-def test_sixteen_streams_over_two_apis_complete_on_both_workers(fleet, references, monkeypatch):
+def test_sixteen_streams_over_two_apis_complete_on_both_workers(fleet, redis_url, references, monkeypatch):
     bodies = [greedy(PROMPTS[number % len(PROMPTS)]) for number in range(STREAMS)]
     streams = [Stream(fleet[number % 2].url("/stream"), body) for number, body in enumerate(bodies)]
     with ThreadPoolExecutor(STREAMS) as pool:
         done = [pool.submit(stream.read) for stream in streams]
         for stream in streams:
             assert stream.first_token.wait(300)
-        info = rq_info()  # while the jobs run
-        pages = dashboard_pages(monkeypatch, [stream.job_id for stream in streams])
+        info = rq_info(redis_url)  # while the jobs run
+        pages = dashboard_pages(monkeypatch, redis_url, [stream.job_id for stream in streams])
         for future in done:
             future.result(timeout=600)
 
