@@ -6,15 +6,13 @@ logs, from the Procfile, on a redis-server of its own (a spare port), so its cou
 from __future__ import annotations
 
 import shutil
-import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import redis
 
-from tests.service_fixtures import Service, free_port, service_environment
+from tests.service_fixtures import RedisServer, Service, free_port, service_environment
 
 ALICE = "sk-alice-integration-0001"
 """A named key of API_KEYS (`alice:...`)."""
@@ -51,29 +49,6 @@ class SecuredFleet:
         return [line for line in self.log_text(kind).splitlines() if line.strip()]
 
 
-class RedisServer:
-    """A redis-server on a spare port, without persistence."""
-
-    def __init__(self):
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                                         "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                redis.Redis.from_url(self.url).ping()
-                return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=10)
-
-
 @pytest.fixture(scope="session")
 def secured(tmp_path_factory):
     if shutil.which("redis-server") is None:
@@ -83,6 +58,7 @@ def secured(tmp_path_factory):
     keys_file.write_text(f"# the team's keys\nbob:{BOB}\n")
     metrics_dir = folder / "metrics"
     server = RedisServer()
+    server.start()
     port = free_port()
     env = service_environment(
         port, REDIS_URL=server.url, API_KEYS=f"alice:{ALICE},{CAROL}", API_KEYS_FILE=str(keys_file),
