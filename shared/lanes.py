@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
@@ -96,26 +97,36 @@ def pool_workers(connection: redis.Redis, pool: str, fallback: dict[Lane, int] |
     A worker whose key expired (dead for WORKER_DEAD_S) is not listed; RQ drops it from the set later. One that
     does not advertise its slots (started by an older release, say) counts with `fallback`'s.
     """
-    keys = sorted(connection.smembers(worker_registration.WORKERS_BY_QUEUE_KEY % pool))
-    if not keys:
-        return []
+    return read_pools(connection, [pool], fallback)[0][pool]
+
+
+def read_pools(connection: redis.Redis, pools: list[str], fallback: dict[Lane, int] | None = None,
+               reads: Callable[[Pipeline], None] | None = None) -> tuple[dict[str, list[PoolWorker]], list]:
+    """The live workers of each of `pools`, and the results of the commands `reads` queues: two round trips,
+    whatever the number of pools and workers (the hot path of every admission and /health)."""
     with connection.pipeline(transaction=False) as pipe:
-        for key in keys:
-            pipe.hmget(key, "state", "birth", LANE_SLOTS_FIELD)
-        rows = pipe.execute()
-    live = []
-    for state, birth, slots in rows:
-        state = state.decode() if isinstance(state, bytes) else state
-        if birth is None or state == "dead":  # expired (hash gone) or marked dead
-            continue
-        advertised = json.loads(slots) if slots else {lane.value: n for lane, n in (fallback or {}).items()}
-        live.append(PoolWorker({lane: int(n) for lane, n in advertised.items()}, starting=state == STARTING))
-    return live
+        for pool in pools:
+            pipe.smembers(worker_registration.WORKERS_BY_QUEUE_KEY % pool)
+        keys = [sorted(members) for members in pipe.execute()]
+        for pool_keys in keys:
+            for key in pool_keys:
+                pipe.hmget(key, "state", "birth", LANE_SLOTS_FIELD)
+        if reads is not None:
+            reads(pipe)
+        rows = iter(pipe.execute())
+    workers = {pool: [worker for worker in (parse_worker(next(rows), fallback) for _ in pool_keys) if worker]
+               for pool, pool_keys in zip(pools, keys)}
+    return workers, list(rows)
 
 
-def worker_lane_slots(connection: redis.Redis, pool: str, fallback: dict[Lane, int]) -> list[dict[str, int]]:
-    """Each live worker of `pool` (starting ones included): the jobs it runs at once per lane."""
-    return [worker.slots for worker in pool_workers(connection, pool, fallback)]
+def parse_worker(row: list, fallback: dict[Lane, int] | None) -> PoolWorker | None:
+    """A worker from its hash's state, birth and advertised slots; None when it has expired or died."""
+    state, birth, slots = row
+    state = state.decode() if isinstance(state, bytes) else state
+    if birth is None or state == "dead":  # expired (hash gone) or marked dead
+        return None
+    advertised = json.loads(slots) if slots else {lane.value: n for lane, n in (fallback or {}).items()}
+    return PoolWorker({lane: int(n) for lane, n in advertised.items()}, starting=state == STARTING)
 
 
 def record_finished(pipe: Pipeline, queue: str, job_id: str) -> None:
@@ -126,14 +137,18 @@ def record_finished(pipe: Pipeline, queue: str, job_id: str) -> None:
     pipe.expire(key, 2 * FINISHED_WINDOW_S)
 
 
-def finish_rate(connection: redis.Redis, queue: str) -> float | None:
-    """Jobs of `queue` ended per second over the last FINISHED_WINDOW_S, or None when none ended.
+def count_finished(pipe: Pipeline, queue: str) -> None:
+    """Queue (on `pipe`) the count of `queue`'s jobs ended within the window; `finish_rate` turns it into a rate."""
+    clock = time.time()
+    pipe.zcount(finished_key(queue), clock - FINISHED_WINDOW_S, clock)
+
+
+def finish_rate(ended: int) -> float | None:
+    """Jobs ended per second over the last FINISHED_WINDOW_S, from `count_finished`'s count; None when none ended.
 
     Over the whole window, not since the oldest entry: jobs that started together end together, and a wave
     of 32 ending within a second is not a rate of 32 jobs per second.
     """
-    clock = time.time()
-    ended = connection.zcount(finished_key(queue), clock - FINISHED_WINDOW_S, clock)
     return ended / FINISHED_WINDOW_S if ended else None
 
 

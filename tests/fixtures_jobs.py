@@ -8,13 +8,13 @@ import threading
 import uuid
 
 import redis
-from rq import Queue
+from rq import Queue, Worker
 from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 
 from api.jobs.routing import submit
 from shared.events import EventPublisher
-from shared.lanes import LANES, Lane, queue_name
+from shared.lanes import LANES, Lane, pool_workers, queue_name
 from shared.protocol import (
     BeamCandidate,
     BeamDoneEvent,
@@ -162,8 +162,15 @@ def queued_jobs(connection: redis.Redis, pool: str = "cpu") -> int:
 
 def enqueue_job(connection: redis.Redis, pool: str = "cpu", prompt_ids: list[int] | None = None) -> str:
     """Enqueue a job the way the API does, without HTTP; its id."""
+    ensure_live_worker(connection, pool)
     job = GenerationJob(job_id=uuid.uuid4().hex, prompt_ids=prompt_ids or [1, 2, 3],
                         sampling=SamplingParams(), backend=pool)
     submit(connection, [job], Lane.INTERACTIVE, Settings())
     return job.job_id
 
+
+
+def ensure_live_worker(connection: redis.Redis, pool: str = "cpu") -> None:
+    """The API takes jobs only for a pool with a live worker: register one (it takes no job) if the pool has none."""
+    if not pool_workers(connection, pool):
+        Worker([Queue(pool, connection=connection)], connection=connection).register_birth()

@@ -59,7 +59,7 @@ def test_the_access_line_has_the_ids_and_the_key_name_never_the_key(app_config, 
     assert (line.method, line.path, line.status, line.key, line.job_id) == ("POST", "/generate", 200, "team-a", job_id)
     assert line.duration_s >= 0
     enqueued = [r for r in caplog.records if r.name == "api.jobs.tracking"]
-    assert enqueued and "enqueueing" in enqueued[-1].getMessage()
+    assert enqueued and "enqueued" in enqueued[-1].getMessage()
     everything = caplog.text + " ".join(str(vars(record)) for record in caplog.records)
     assert KEY not in everything
 

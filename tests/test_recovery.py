@@ -16,13 +16,16 @@ from shared.protocol import GenerationJob
 from shared.recovery import recover_abandoned
 from shared.sampling import SamplingParams
 from shared.settings import Settings
+from tests.fixtures_jobs import ensure_live_worker
 
 SETTINGS = Settings(max_recoveries=1)
 
 
 @pytest.fixture
 def connection():
-    return fakeredis.FakeRedis()
+    connection = fakeredis.FakeRedis()
+    ensure_live_worker(connection)  # the pool the jobs are submitted to
+    return connection
 
 
 def start_on_a_worker_that_then_dies(connection, job_id: str) -> None:

@@ -25,8 +25,8 @@ from rq.queue import EnqueueData
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from shared.exceptions import OverloadedError
-from shared.lanes import Lane, finish_rate, lane_slots, queue_name, worker_lane_slots
+from shared.exceptions import NoWorkerError, OverloadedError
+from shared.lanes import Lane, count_finished, finish_rate, lane_slots, queue_name, read_pools
 from shared.settings import Settings
 
 FIRST_ALLOWANCE_SHARE = 32
@@ -42,11 +42,13 @@ MAX_RETRY_AFTER_S = 60
 
 @dataclass(frozen=True, slots=True)
 class LaneBound:
-    """How much work a pool's lane may hold now, and how fast it has been ending jobs."""
+    """How much work a pool's lane may hold now, how much it holds, and how fast it has been ending jobs."""
 
     queue: str
+    workers: int  # live workers of the pool, starting ones included
     capacity: int  # jobs the pool's live workers run at once in this lane
     bound: int  # capacity plus the jobs allowed to wait
+    held: int  # jobs queued or running in the lane
     rate: float | None  # jobs ended per second over the last minute (None: none ended)
 
     def retry_after_s(self, excess: int) -> int:
@@ -57,14 +59,23 @@ class LaneBound:
 
 
 def lane_bound(connection: redis.Redis, pool: str, lane: Lane, settings: Settings) -> LaneBound:
-    """The bound on `pool`'s `lane` now, from its live workers' slots and its recent throughput."""
+    """The bound on `pool`'s `lane` now, from its live workers' slots and its recent throughput, and the work it
+    holds: two Redis round trips, so that a refusal is cheap even when the workers keep every core busy."""
     queue = queue_name(pool, lane)
-    workers = worker_lane_slots(connection, pool, lane_slots(settings.max_batch_size, settings.batch_lane_slots))
+
+    def reads(pipe: Pipeline) -> None:
+        count_finished(pipe, queue)
+        pipe.llen(Queue(queue, connection=connection).key)
+        pipe.zcard(started_key(connection, queue))
+        pipe.zcard(started_key(connection, queue_name(pool, Lane.BATCH)))  # running batch items
+
+    fallback = lane_slots(settings.max_batch_size, settings.batch_lane_slots)
+    pools, (ended, queued, running, batch_running) = read_pools(connection, [pool], fallback, reads)
+    workers = [worker.slots for worker in pools[pool]]
     capacity = sum(slots.get(lane.value, 0) for slots in workers)
     if lane is Lane.INTERACTIVE:  # running batch items hold some of the same slots
-        batch_slots = sum(slots.get(Lane.BATCH.value, 0) for slots in workers)
-        capacity -= min(batch_slots, running_jobs(connection, queue_name(pool, Lane.BATCH)))
-    rate = finish_rate(connection, queue)
+        capacity -= min(sum(slots.get(Lane.BATCH.value, 0) for slots in workers), batch_running)
+    rate = finish_rate(ended)
     if lane is Lane.BATCH:
         allowance = settings.max_queued_batch
     elif settings.max_queued:
@@ -73,28 +84,33 @@ def lane_bound(connection: redis.Redis, pool: str, lane: Lane, settings: Setting
         allowance = max(1, round(rate * settings.max_queue_wait_s))
     else:
         allowance = max(1, capacity // FIRST_ALLOWANCE_SHARE)
-    return LaneBound(queue, max(capacity, 0), max(capacity, 0) + allowance, rate)
+    capacity = max(capacity, 0)
+    return LaneBound(queue, len(workers), capacity, capacity + allowance, queued + running, rate)
 
 
-def running_jobs(connection: redis.Redis, queue: str) -> int:
-    """Jobs of `queue` running on a worker now (RQ's started registry, read without its cleanup)."""
-    return connection.zcard(StartedJobRegistry(queue, connection=connection).key)
+def started_key(connection: redis.Redis, queue: str) -> str:
+    """The key of RQ's started registry of `queue` (jobs running on a worker), read without its cleanup."""
+    return StartedJobRegistry(queue, connection=connection).key
 
 
 def enqueue_within_bound(connection: redis.Redis, pool: str, lane: Lane, jobs: list[EnqueueData],
                          settings: Settings, also: Callable[[Pipeline], None] | None = None) -> None:
-    """Enqueue `jobs` (all or none) on `pool`'s `lane` if its bound holds them, else raise OverloadedError.
-
-    `also` adds the caller's own writes (a batch's record) to the same transaction.
+    """Enqueue `jobs` (all or none) on `pool`'s `lane` if its bound holds them, else raise OverloadedError (429);
+    NoWorkerError (503) when the pool has no live worker, starting or ready, so nobody waits on a queue nobody
+    reads. `also` adds the caller's own writes (a batch's record, the jobs' owner) to the same transaction.
     """
     limit = lane_bound(connection, pool, lane, settings)
+    if not limit.workers:
+        raise NoWorkerError(f"no live worker in the '{pool}' pool")
+    if limit.held + len(jobs) > limit.bound:  # refused on the first look: no transaction needed
+        raise refusal(limit, pool, lane, limit.held, len(jobs))
     queue = Queue(limit.queue, connection=connection, serializer=JSONSerializer)
-    started_key = StartedJobRegistry(limit.queue, connection=connection).key
+    started = started_key(connection, limit.queue)
     with connection.pipeline() as pipe:
         while True:
             try:
-                pipe.watch(queue.key, started_key)
-                held = pipe.llen(queue.key) + pipe.zcard(started_key)
+                pipe.watch(queue.key, started)
+                held = pipe.llen(queue.key) + pipe.zcard(started)
                 if held + len(jobs) > limit.bound:
                     raise refusal(limit, pool, lane, held, len(jobs))
                 pipe.multi()

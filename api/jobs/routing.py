@@ -11,7 +11,7 @@ from rq import Queue
 from api.jobs import tracking
 from api.jobs.admission import enqueue_within_bound
 from shared.exceptions import NoWorkerError
-from shared.lanes import Lane, pool_workers
+from shared.lanes import Lane, pool_workers, read_pools
 from shared.protocol import JOB_FUNCTION, GenerationJob
 from shared.recovery import retry_policy
 from shared.settings import BACKENDS, Settings
@@ -26,8 +26,7 @@ def live_workers(connection: redis.Redis, pool: str) -> int:
 def worker_counts(connection: redis.Redis) -> dict[str, dict[str, int]]:
     """Per pool, its workers that take jobs (`ready`) and those still loading their model (`starting`)."""
     counts = {}
-    for pool in BACKENDS:
-        workers = pool_workers(connection, pool)
+    for pool, workers in read_pools(connection, list(BACKENDS))[0].items():
         starting = sum(worker.starting for worker in workers)
         counts[pool] = {"ready": len(workers) - starting, "starting": starting}
     return counts
@@ -37,19 +36,17 @@ def choose_backend(connection: redis.Redis, mode: str) -> str:
     """The pool for a request: `gpu` or `cpu` as asked; for `auto`, the first of gpu and cpu with a ready worker,
     else the first with a starting one (the request then waits in its queue for the worker to load).
 
-    Raises NoWorkerError (503) when the chosen pool has no live worker, starting or ready, so clients never wait
-    on a queue nobody reads.
+    Raises NoWorkerError (503) when no pool has a live worker for `auto`; for a pool asked by name, `submit`
+    raises it (its admission check reads the pool's workers anyway), so clients never wait on a queue nobody reads.
     """
-    if mode == "auto":
-        counts = worker_counts(connection)
-        for state in ("ready", "starting"):
-            for pool in BACKENDS:  # gpu first
-                if counts[pool][state]:
-                    return pool
-        raise NoWorkerError("no live worker in the 'gpu' or the 'cpu' pool")
-    if not live_workers(connection, mode):
-        raise NoWorkerError(f"no live worker in the '{mode}' pool")
-    return mode
+    if mode != "auto":
+        return mode
+    counts = worker_counts(connection)
+    for state in ("ready", "starting"):
+        for pool in BACKENDS:  # gpu first
+            if counts[pool][state]:
+                return pool
+    raise NoWorkerError("no live worker in the 'gpu' or the 'cpu' pool")
 
 
 def submit(connection: redis.Redis, jobs: list[GenerationJob], lane: Lane, settings: Settings, *,
@@ -61,13 +58,20 @@ def submit(connection: redis.Redis, jobs: list[GenerationJob], lane: Lane, setti
     default), which may outlive the events' backlog. `also` adds the caller's writes to the same transaction.
     """
     keep_s = keep_s or settings.backlog_ttl_s
-    meta = tracking.start(connection, jobs, settings)  # their owner (API keys) first, and the request's id
+    meta = tracking.start(jobs)
     data = [Queue.prepare_data(JOB_FUNCTION, kwargs={"payload": job.model_dump(mode="json")}, job_id=job.job_id,
                                timeout=settings.job_timeout_s, result_ttl=keep_s, failure_ttl=keep_s,
                                description=describe(job), meta=meta,
                                retry=retry_policy(settings))  # a job whose worker dies resumes on another
             for job in jobs]
-    enqueue_within_bound(connection, jobs[0].backend, lane, data, settings, also)
+
+    def writes(pipe: Pipeline) -> None:
+        tracking.claim(pipe, "job", [job.job_id for job in jobs], settings)  # the owner, with the jobs
+        if also is not None:
+            also(pipe)
+
+    enqueue_within_bound(connection, jobs[0].backend, lane, data, settings, writes)
+    tracking.enqueued(jobs)
 
 
 def describe(job: GenerationJob) -> str:

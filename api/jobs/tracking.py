@@ -54,18 +54,22 @@ def claim(client: redis.Redis | Pipeline, kind: str, ids: list[str], settings: S
         client.set(owner_key(kind, ident), key.owner, ex=owner_ttl_s(settings))
 
 
-def start(client: redis.Redis | Pipeline, jobs: list[GenerationJob], settings: Settings) -> dict:
-    """Before enqueueing `jobs`: claim them for the request's key and bind the job id to the request's log
-    lines. Returns the `meta` to enqueue them with (the request id, for the worker's log lines)."""
-    claim(client, "job", [job.job_id for job in jobs], settings)
+def start(jobs: list[GenerationJob]) -> dict:
+    """Before enqueueing `jobs`: bind the job id to the request's log lines. Returns the `meta` to enqueue them
+    with (the request id, for the worker's log lines). Their owner is claimed in the enqueue's transaction."""
     if len(jobs) == 1:
-        job = jobs[0]
-        logs.bind(job_id=job.job_id)
-        log.info("enqueueing a %s job on %s (%d prompt tokens)", job.kind.value, job.backend, len(job.prompt_ids))
-    else:
-        log.info("enqueueing %d jobs on %s", len(jobs), jobs[0].backend, extra={"job_ids": [j.job_id for j in jobs]})
+        logs.bind(job_id=jobs[0].job_id)
     request_id = logs.REQUEST_ID.get()
     return {"request_id": request_id} if request_id else {}
+
+
+def enqueued(jobs: list[GenerationJob]) -> None:
+    """Log the jobs' admission (a refused request logs its 429 in the access line instead)."""
+    if len(jobs) == 1:
+        job = jobs[0]
+        log.info("enqueued a %s job on %s (%d prompt tokens)", job.kind.value, job.backend, len(job.prompt_ids))
+    else:
+        log.info("enqueued %d jobs on %s", len(jobs), jobs[0].backend, extra={"job_ids": [j.job_id for j in jobs]})
 
 
 def init_app(app: Flask) -> None:
