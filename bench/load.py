@@ -1,14 +1,19 @@
 """Many clients at one worker: what admission control gives a crowd (refusals, first tokens, /health, memory).
 
-    python -m bench.load [--clients 200] [--duration 60] [--tokens 128] [--redis-url redis://localhost:6379/10]
-                         [--write]
+    python -m bench.load [--clients 200] [--duration 60] [--tokens 128] [--rounds 2]
+                         [--redis-url redis://localhost:6379/10] [--write]
 
 Starts the Procfile's web and cpu processes (one worker, MAX_BATCH_SIZE 32, default admission settings) on a
-flushed Redis db, then `--clients` threads, released together, each sending greedy `/stream` requests of
+flushed Redis db, then `--clients` clients, released together, each sending greedy `/stream` requests of
 `--tokens` tokens one after another until `--duration` has passed: a 429 is timed (request sent -> answer)
 and the client waits its `Retry-After` before trying again, as a polite client would; an admitted stream
-is read to its end. A poller times `GET /health` every 0.2 s meanwhile. The API's memory (gunicorn's master
-and workers) is read before, at the end of the load, and 15 s after the last client stopped.
+is read to its end. A poller times `GET /health` every 0.2 s meanwhile. The clients are one asyncio loop
+over raw sockets, not a thread each, so that the driver's own scheduling stays out of the latencies it
+reports; the refusals' time inside the API (its access log) is reported beside the clients' view.
+
+The load runs `--rounds` times, 15 s apart. The API's memory (gunicorn's master and workers) is read before
+the first round and 15 s after each: gthread keeps every thread it started (GUNICORN_THREADS per process),
+so the first crowd raises the floor once; a leak would raise it again with every round.
 
 Reported: streams completed, failed and hung (no end within 180 s), 429s and their latency, the first-token
 latency of admitted streams (p50/p95), `/health` latency (p50/p95/max) and API memory. Targets (issue):
@@ -19,16 +24,17 @@ its idle level.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import os
-import threading
+import re
 import time
 from dataclasses import dataclass, field
-
-import requests
+from pathlib import Path
+from urllib.parse import urlsplit
 
 from bench.common import machine, median, percentile, write_section
 from bench.service import running_service_group, tree_rss_mb, warm_up_service
-from tests.sse_client import iter_events
 
 PROMPT = "1, 2, 3, 4, 5,"
 """A raw prompt the model continues for a long while (greedy), so streams run their full length."""
@@ -36,10 +42,16 @@ PROMPT = "1, 2, 3, 4, 5,"
 STREAM_TIMEOUT_S = 180
 """A stream with no end after this long counts as hung."""
 
+SETTLE_S = 15
+"""How long after a round the API's memory is read again."""
+
+REFUSAL_LINE = re.compile(r"POST /stream 429 (\d+\.\d+)s")
+"""A refused stream in the API's access log, with its time inside the API."""
+
 
 @dataclass
 class Tally:
-    """What the clients saw, appended to from many threads (list.append is atomic in CPython)."""
+    """What the clients saw."""
 
     first_tokens: list[float] = field(default_factory=list)
     refusals: list[float] = field(default_factory=list)
@@ -51,104 +63,154 @@ class Tally:
     health_errors: list[str] = field(default_factory=list)
 
 
-def client(base_url: str, tokens: int, stop_at: float, barrier: threading.Barrier, tally: Tally) -> None:
+class Address:
+    """Host and port of the service, and the raw HTTP/1.0 requests sent to it (the answer ends when the
+    connection closes, so a stream needs no chunked decoding)."""
+
+    def __init__(self, base_url: str, tokens: int):
+        parts = urlsplit(base_url)
+        self.host, self.port = parts.hostname, parts.port
+        body = json.dumps({"prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "backend": "cpu"}).encode()
+        self.stream_request = (f"POST /stream HTTP/1.0\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        self.health_request = f"GET /health HTTP/1.0\r\nHost: {self.host}\r\n\r\n".encode()
+
+    async def send(self, request: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int, dict[str, str]]:
+        """Send a request; the open connection, the answer's status and headers."""
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        writer.write(request)
+        status = int((await reader.readline()).split()[1])
+        headers = {}
+        while (line := (await reader.readline()).decode().strip()):
+            name, _, value = line.partition(":")
+            headers[name.lower()] = value.strip()
+        return reader, writer, status, headers
+
+
+async def read_stream(reader: asyncio.StreamReader, sent: float, tally: Tally) -> None:
+    """Read an admitted stream's SSE events to its end, timing its first token."""
+    received, event = 0, None
+    while line := await reader.readline():
+        text = line.decode().rstrip("\r\n")
+        if text.startswith("event:"):
+            event = text[6:].strip()
+        elif text.startswith("data:") and event == "token":
+            if received == 0:
+                tally.first_tokens.append(time.perf_counter() - sent)
+            received += 1
+        elif text.startswith("data:") and event in ("done", "error"):
+            if event == "done":
+                tally.completed.append(received)
+            else:
+                tally.failed.append(f"error event: {text[5:200]}")
+            return
+    tally.failed.append("the stream closed without a done event")
+
+
+async def client(address: Address, stop_at: float, tally: Tally) -> None:
     """Send streams one after another until `stop_at`; wait Retry-After after a 429."""
-    barrier.wait()
-    body = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "backend": "cpu"}
     while time.monotonic() < stop_at:
         sent = time.perf_counter()
+        writer = None
         try:
-            with requests.post(f"{base_url}/stream", json=body, stream=True, timeout=STREAM_TIMEOUT_S) as response:
-                if response.status_code == 429:
-                    tally.refusals.append(time.perf_counter() - sent)
-                    wait_s = int(response.headers.get("Retry-After", "1"))
-                    tally.retry_after.append(wait_s)
-                    time.sleep(min(wait_s, max(0.0, stop_at - time.monotonic())))
-                    continue
-                if response.status_code != 200:
-                    tally.failed.append(f"HTTP {response.status_code}: {response.text[:200]}")
-                    continue
-                received = 0
-                for event in iter_events(response):
-                    if event.event == "token":
-                        if received == 0:
-                            tally.first_tokens.append(time.perf_counter() - sent)
-                        received += 1
-                    elif event.event == "done":
-                        tally.completed.append(received)
-                        break
-                    elif event.event == "error":
-                        tally.failed.append(f"error event: {event.data}")
-                        break
-        except requests.Timeout:
+            reader, writer, status, headers = await address.send(address.stream_request)
+            if status == 429:
+                tally.refusals.append(time.perf_counter() - sent)
+                wait_s = int(headers.get("retry-after", "1"))
+                tally.retry_after.append(wait_s)
+                await asyncio.sleep(min(wait_s, max(0.0, stop_at - time.monotonic())))
+            elif status != 200:
+                tally.failed.append(f"HTTP {status}: {(await reader.read(200)).decode(errors='replace')}")
+            else:
+                await asyncio.wait_for(read_stream(reader, sent, tally), STREAM_TIMEOUT_S)
+        except TimeoutError:
             tally.hung.append("no end within the stream timeout")
-        except requests.RequestException as exc:
+        except OSError as exc:
             tally.failed.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            if writer is not None:
+                writer.close()
 
 
-def poll_health(base_url: str, stop: threading.Event, tally: Tally) -> None:
-    while not stop.wait(0.2):
+async def poll_health(address: Address, stop: asyncio.Event, tally: Tally) -> None:
+    """Time GET /health every 0.2 s until `stop`."""
+    while not stop.is_set():
         sent = time.perf_counter()
         try:
-            requests.get(f"{base_url}/health", timeout=10).raise_for_status()
-            tally.health.append(time.perf_counter() - sent)
-        except requests.RequestException as exc:
-            tally.health_errors.append(str(exc))
+            reader, writer, status, _ = await asyncio.wait_for(address.send(address.health_request), 10)
+            await reader.read()
+            writer.close()
+            if status == 200:
+                tally.health.append(time.perf_counter() - sent)
+            else:
+                tally.health_errors.append(f"HTTP {status}")
+        except (OSError, TimeoutError) as exc:
+            tally.health_errors.append(repr(exc))
+        try:
+            await asyncio.wait_for(stop.wait(), 0.2)
+        except TimeoutError:
+            pass
 
 
-def run(base_url: str, web_pid: int, clients: int, duration: float, tokens: int) -> dict:
-    """Drive the load; return the figures."""
-    tally, stop_health = Tally(), threading.Event()
-    rss_idle = tree_rss_mb(web_pid)
-    barrier = threading.Barrier(clients)
+async def one_round(address: Address, clients: int, duration: float, tally: Tally) -> float:
+    """Drive `clients` clients for `duration` seconds (and the /health poller); the round's wall time."""
+    stop_health = asyncio.Event()
+    health = asyncio.create_task(poll_health(address, stop_health, tally))
     started = time.monotonic()
-    stop_at = started + duration
-    threads = [threading.Thread(target=client, args=(base_url, tokens, stop_at, barrier, tally), daemon=True)
-               for _ in range(clients)]
-    health = threading.Thread(target=poll_health, args=(base_url, stop_health, tally), daemon=True)
-    health.start()
-    for thread in threads:
-        thread.start()
-    time.sleep(duration)
-    rss_loaded = tree_rss_mb(web_pid)
-    for thread in threads:
-        thread.join(timeout=STREAM_TIMEOUT_S + 10)
+    await asyncio.gather(*(client(address, started + duration, tally) for _ in range(clients)))
     stop_health.set()
-    health.join()
-    wall = time.monotonic() - started
-    time.sleep(15)
-    return {"tally": tally, "wall_s": wall, "rss_idle": rss_idle, "rss_loaded": rss_loaded,
-            "rss_after": tree_rss_mb(web_pid), "alive": sum(thread.is_alive() for thread in threads)}
+    await health
+    return time.monotonic() - started
+
+
+def run(base_url: str, web_pid: int, clients: int, duration: float, tokens: int, rounds: int) -> dict:
+    """Drive the load `rounds` times; return the figures of all rounds together."""
+    tally, address = Tally(), Address(base_url, tokens)
+    memory = [tree_rss_mb(web_pid)]
+    wall = 0.0
+    for _ in range(rounds):
+        wall += asyncio.run(one_round(address, clients, duration, tally))
+        time.sleep(SETTLE_S)
+        memory.append(tree_rss_mb(web_pid))
+    return {"tally": tally, "wall_s": wall, "memory": memory}
+
+
+def api_refusal_times(log: Path) -> list[float]:
+    """Seconds each refused stream spent inside the API, from its access log."""
+    return [float(match.group(1)) for match in REFUSAL_LINE.finditer(log.read_text(errors="replace"))]
 
 
 def ms(values: list[float], q: float) -> str:
     return f"{1000 * percentile(values, q):.0f}" if values else "-"
 
 
-def report(figures: dict, clients: int, duration: float, tokens: int) -> str:
+def report(figures: dict, clients: int, duration: float, tokens: int, rounds: int) -> str:
     tally: Tally = figures["tally"]
     generated = sum(tally.completed)
+    memory = " / ".join(f"{mb:.0f}" for mb in figures["memory"])
+    server = figures["api_refusals"]
     lines = [
-        f"Machine: {machine()}; load average at the start {os.getloadavg()[0]:.1f}. `python -m bench.load "
-        f"--clients {clients} --duration {duration:g} --tokens {tokens}`: one CPU worker (MAX_BATCH_SIZE 32, "
-        "default admission settings), 2 gunicorn processes x 64 threads, clients released together, each "
-        "sending greedy `/stream`s one after another and waiting `Retry-After` after a 429.",
+        f"Machine: {machine()}; load average at the start {figures['load']:.1f}. `python -m bench.load "
+        f"--clients {clients} --duration {duration:g} --tokens {tokens} --rounds {rounds}`: one CPU worker "
+        "(MAX_BATCH_SIZE 32, default admission settings), 2 gunicorn processes x 64 threads, clients (one asyncio "
+        "loop) released together, each sending greedy `/stream`s one after another and waiting `Retry-After` after "
+        "a 429. Figures of all rounds together.",
         "",
         "| what | figure |",
         "|---|---|",
-        f"| streams completed / failed / hung | {len(tally.completed)} / {len(tally.failed)} / "
-        f"{len(tally.hung) + figures['alive']} |",
+        f"| streams completed / failed / hung | {len(tally.completed)} / {len(tally.failed)} / {len(tally.hung)} |",
         f"| tokens received (completed streams), aggregate tokens/s | {generated}, "
         f"{generated / figures['wall_s']:.0f} |",
-        f"| 429 refusals; their latency p50 / p95 / max (ms) | {len(tally.refusals)}; {ms(tally.refusals, 50)} / "
-        f"{ms(tally.refusals, 95)} / {ms(tally.refusals, 100)} |",
+        f"| 429 refusals; their latency as clients saw it, p50 / p95 / max (ms) | {len(tally.refusals)}; "
+        f"{ms(tally.refusals, 50)} / {ms(tally.refusals, 95)} / {ms(tally.refusals, 100)} |",
+        f"| the refusals' time inside the API (access log), p50 / p95 / max (ms) | {ms(server, 50)} / "
+        f"{ms(server, 95)} / {ms(server, 100)} |",
         f"| Retry-After sent, median (s) | {median(tally.retry_after) if tally.retry_after else '-'} |",
         f"| admitted streams' first token p50 / p95 / max (ms) | {ms(tally.first_tokens, 50)} / "
         f"{ms(tally.first_tokens, 95)} / {ms(tally.first_tokens, 100)} |",
         f"| `/health` during the load p50 / p95 / max (ms), errors | {ms(tally.health, 50)} / "
         f"{ms(tally.health, 95)} / {ms(tally.health, 100)}, {len(tally.health_errors)} |",
-        f"| API memory idle / at the end of the load / 15 s after (MB) | {figures['rss_idle']:.0f} / "
-        f"{figures['rss_loaded']:.0f} / {figures['rss_after']:.0f} |",
+        f"| API memory (MB): idle, then {SETTLE_S} s after each round | {memory} |",
     ]
     if tally.failed:
         lines += ["", f"First failure: {tally.failed[0]}"]
@@ -160,15 +222,19 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--redis-url", default="redis://localhost:6379/10")
     parser.add_argument("--write", action="store_true", help="record the table in BENCHMARKS.md")
     args = parser.parse_args()
+    load = os.getloadavg()[0]
     with running_service_group(args.redis_url, 32, GUNICORN_THREADS="64") as (base_url, group):
         # Warm up: every gunicorn process loads its tokenizer, the worker compiles its decode step for
         # batch sizes up to 32.
         warm_up_service(base_url, PROMPT, streams=32, tokens=8)
-        figures = run(base_url, group.processes["web"].pid, args.clients, args.duration, args.tokens)
-    text = report(figures, args.clients, args.duration, args.tokens)
+        figures = run(base_url, group.processes["web"].pid, args.clients, args.duration, args.tokens, args.rounds)
+        figures["api_refusals"] = api_refusal_times(group.log_dir / "web.log")
+    figures["load"] = load
+    text = report(figures, args.clients, args.duration, args.tokens, args.rounds)
     print(text)
     if args.write:
         write_section("Load: 200 clients at one worker", text)

@@ -152,6 +152,31 @@ def finish_rate(ended: int) -> float | None:
     return ended / FINISHED_WINDOW_S if ended else None
 
 
+ARRIVALS_WINDOW_S = 5
+"""How far back the count of requests arriving at a lane reaches (the demand a refused client competes with)."""
+
+
+def count_arrival(pipe: Pipeline, queue: str) -> None:
+    """Count (on `pipe`) a request arriving at `queue` now, and queue the read of the counts of the last
+    ARRIVALS_WINDOW_S whole seconds, which `arrival_rate` turns into a rate."""
+    second = int(time.time())
+    key = arrivals_key(queue, second)
+    pipe.incr(key)
+    pipe.expire(key, ARRIVALS_WINDOW_S + 2)
+    pipe.mget([arrivals_key(queue, earlier) for earlier in range(second - ARRIVALS_WINDOW_S, second)])
+
+
+def arrival_rate(results: list) -> float:
+    """Requests per second that arrived at the lane over the window, from `count_arrival`'s three results."""
+    _count, _expire, counts = results
+    return sum(int(count) for count in counts if count) / ARRIVALS_WINDOW_S
+
+
+def arrivals_key(queue: str, second: int) -> str:
+    """Counter of the requests that arrived at `queue` during one second (epoch time)."""
+    return f"llm:arrivals:{queue}:{second}"
+
+
 def finished_key(queue: str) -> str:
     """Sorted set of the queue's recently ended jobs, scored by when they ended."""
     return f"llm:finished:{queue}"

@@ -12,7 +12,7 @@ from rq import Queue
 from api import create_app
 from api.jobs.admission import UNKNOWN_RATE_RETRY_S, lane_bound
 from shared.exceptions import OverloadedError
-from shared.lanes import LANE_SLOTS_FIELD, Lane, finished_key, queue_name
+from shared.lanes import ARRIVALS_WINDOW_S, LANE_SLOTS_FIELD, Lane, arrivals_key, finished_key, queue_name
 from shared.settings import Settings
 from tests.fixtures_jobs import queued_jobs
 
@@ -99,6 +99,21 @@ def test_the_bound_comes_from_live_workers_slots_and_the_lanes_recent_rate(redis
     assert warm.bound == 32 + 4  # what 2 jobs/s start within MAX_QUEUE_WAIT_S (2 s)
     assert warm.retry_after_s(5) == 3 and warm.retry_after_s(1000) == 60  # 5 jobs at 2 jobs/s, then the cap
     assert lane_bound(redis_client, "cpu", Lane.BATCH, settings).bound == 24 + settings.max_queued_batch
+
+
+def test_a_crowd_is_told_to_come_back_later_than_a_lone_client(busy_app, redis_client, live_worker):
+    live_worker("cpu")
+    redis_client.zadd(finished_key("cpu"), {f"job{i}": time.time() - i / 2 for i in range(120)})  # 2 jobs/s
+    client = busy_app.test_client()
+    _streams = open_streams(client, 3)  # the lane is full (2 slots, 1 waiting), kept open until the test ends
+    alone = int(client.post("/stream", json=BODY).headers["Retry-After"])
+    now = int(time.time())
+    for second in range(now - ARRIVALS_WINDOW_S, now):  # 40 requests a second have been arriving
+        redis_client.set(arrivals_key("cpu", second), 40)
+    crowded = int(client.post("/stream", json=BODY).headers["Retry-After"])
+    assert alone <= 3  # the excess and the few requests of this test, at 2 jobs/s
+    assert crowded == pytest.approx((1 + 40) / 2, abs=2)  # room for itself and for the crowd arriving meanwhile
+    assert queued_jobs(redis_client) == 3
 
 
 def test_a_starting_workers_slots_count_for_the_bound(busy_app, redis_client, starting_worker):

@@ -5,7 +5,8 @@ pool's live workers run at once in that lane (their advertised slots, shared/lan
 waiting jobs: MAX_QUEUED when set, otherwise what the lane's recent rate of ending jobs starts within
 MAX_QUEUE_WAIT_S (one per 32 slots until the lane has a rate), so an admitted request starts within
 about that long. The batch lane's allowance is MAX_QUEUED_BATCH: batches are meant to
-wait. A refused request gets `Retry-After`: how long the lane's recent rate takes to make room for it.
+wait. A refused request gets `Retry-After`: how long the lane's recent rate takes to make room for it and for
+the requests arriving meanwhile (LaneBound.retry_after_s).
 
 The check and the enqueue are one optimistic transaction (WATCH on the lane's queue and started registry),
 so concurrent API processes and threads never admit more than the bound between them.
@@ -14,6 +15,7 @@ so concurrent API processes and threads never admit more than the bound between 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,7 +28,16 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from shared.exceptions import NoWorkerError, OverloadedError
-from shared.lanes import Lane, count_finished, finish_rate, lane_slots, queue_name, read_pools
+from shared.lanes import (
+    Lane,
+    arrival_rate,
+    count_arrival,
+    count_finished,
+    finish_rate,
+    lane_slots,
+    queue_name,
+    read_pools,
+)
 from shared.settings import Settings
 
 FIRST_ALLOWANCE_SHARE = 32
@@ -39,6 +50,11 @@ UNKNOWN_RATE_RETRY_S = 5
 MAX_RETRY_AFTER_S = 60
 """The longest Retry-After sent: estimates further out are guesses."""
 
+ENQUEUE_LOCK = threading.Lock()
+"""One admission transaction at a time in this process. Concurrent WATCHes of one lane fail all but one, so a
+burst of n requests would cost O(n^2) round trips in retries, each pinning a pooled connection meanwhile (a
+burst of 30 once exhausted a process's pool for 5 s); across processes the WATCH still keeps the bound."""
+
 
 @dataclass(frozen=True, slots=True)
 class LaneBound:
@@ -50,12 +66,20 @@ class LaneBound:
     bound: int  # capacity plus the jobs allowed to wait
     held: int  # jobs queued or running in the lane
     rate: float | None  # jobs ended per second over the last minute (None: none ended)
+    demand: float = 0.0  # requests arriving at the lane per second, admitted or not, over the last seconds
 
     def retry_after_s(self, excess: int) -> int:
-        """Seconds until the lane has likely made room for `excess` more jobs."""
+        """Seconds until the lane has likely made room for `excess` more jobs and for the requests that arrive
+        meanwhile, which compete for the same room.
+
+        A crowd of N clients each told T comes back at N/T a second, so T = (excess + N/T) / rate settles near
+        sqrt(N / rate): a crowd 100 times the throughput retries every ~10 s rather than every second, most of
+        its retries (each one work for the API) are spared, and each client still comes back well before the
+        N / rate a first-come queue would take to reach it.
+        """
         if not self.rate:
             return UNKNOWN_RATE_RETRY_S
-        return min(MAX_RETRY_AFTER_S, max(1, math.ceil(excess / self.rate)))
+        return min(MAX_RETRY_AFTER_S, max(1, math.ceil((excess + self.demand) / self.rate)))
 
 
 def lane_bound(connection: redis.Redis, pool: str, lane: Lane, settings: Settings) -> LaneBound:
@@ -68,9 +92,11 @@ def lane_bound(connection: redis.Redis, pool: str, lane: Lane, settings: Setting
         pipe.llen(Queue(queue, connection=connection).key)
         pipe.zcard(started_key(connection, queue))
         pipe.zcard(started_key(connection, queue_name(pool, Lane.BATCH)))  # running batch items
+        count_arrival(pipe, queue)
 
     fallback = lane_slots(settings.max_batch_size, settings.batch_lane_slots)
-    pools, (ended, queued, running, batch_running) = read_pools(connection, [pool], fallback, reads)
+    pools, results = read_pools(connection, [pool], fallback, reads)
+    ended, queued, running, batch_running = results[:4]
     workers = [worker.slots for worker in pools[pool]]
     capacity = sum(slots.get(lane.value, 0) for slots in workers)
     if lane is Lane.INTERACTIVE:  # running batch items hold some of the same slots
@@ -85,7 +111,8 @@ def lane_bound(connection: redis.Redis, pool: str, lane: Lane, settings: Setting
     else:
         allowance = max(1, capacity // FIRST_ALLOWANCE_SHARE)
     capacity = max(capacity, 0)
-    return LaneBound(queue, len(workers), capacity, capacity + allowance, queued + running, rate)
+    return LaneBound(queue, len(workers), capacity, capacity + allowance, queued + running, rate,
+                     arrival_rate(results[4:]))
 
 
 def started_key(connection: redis.Redis, queue: str) -> str:
@@ -106,7 +133,7 @@ def enqueue_within_bound(connection: redis.Redis, pool: str, lane: Lane, jobs: l
         raise refusal(limit, pool, lane, limit.held, len(jobs))
     queue = Queue(limit.queue, connection=connection, serializer=JSONSerializer)
     started = started_key(connection, limit.queue)
-    with connection.pipeline() as pipe:
+    with ENQUEUE_LOCK, connection.pipeline() as pipe:
         while True:
             try:
                 pipe.watch(queue.key, started)
