@@ -14,7 +14,10 @@ from shared.tokenizer import TextTokenizer
 from workers.cpu.decoder import INT8Decoder
 from workers.engine.decoder import Decoder
 from workers.engine.engine import Engine
+from workers.engine.groups import RowGroup
 from workers.engine.sequence import FinishReason, Sequence, Update
+from workers.features.beam import BeamCandidate, BeamGroup, BeamSearch
+from workers.features.scoring import ScoreGroup
 from workers.gpu.decoder import CUDADecoder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,15 +80,16 @@ class Result:
 
 def run_engine(decoder: Decoder, tokenizer: TextTokenizer, prompts: list[list[int]],
                params: SamplingParams | list[SamplingParams], *, eos_token_ids=None, prefill_chunk: int = 256,
-               after_step=None) -> list[Result]:
-    """Run all prompts through one Engine until every sequence ends; `after_step(engine, step)` may intervene."""
+               after_step=None, groups: list[RowGroup] = ()) -> list[Result]:
+    """Run all prompts through one Engine until every sequence ends; `after_step(engine, step)` may intervene.
+    `groups` (beam searches, scoring) are added after the prompts and run beside them."""
     eos = tokenizer.eos_token_ids if eos_token_ids is None else eos_token_ids
     engine = Engine(decoder, tokenizer.backend, eos, prefill_chunk=prefill_chunk)
     per_prompt = params if isinstance(params, list) else [params] * len(prompts)
     sequences = [Sequence(str(i), ids, p, tokenizer.backend) for i, (ids, p) in enumerate(zip(prompts, per_prompt))]
-    for sequence in sequences:
+    for sequence in [*sequences, *groups]:
         engine.add(sequence)
-    updates: dict[str, list[Update]] = {s.id: [] for s in sequences}
+    updates: dict[str, list[Update]] = {s.id: [] for s in [*sequences, *groups]}
     step = 0
     while engine.has_work:
         for update in engine.step():
@@ -95,6 +99,38 @@ def run_engine(decoder: Decoder, tokenizer: TextTokenizer, prompts: list[list[in
         if after_step is not None:
             after_step(engine, step)
     return [Result(s.output_ids, updates[s.id], s.finish_reason, s.output_text) for s in sequences]
+
+
+def beam_group(decoder: Decoder, prompt_ids: list[int], width: int, max_new_tokens: int, length_penalty: float = 1.0,
+               eos_token_ids=(), name: str = "beam") -> BeamGroup:
+    """A beam search of `prompt_ids` for `decoder`'s engine."""
+    search = BeamSearch(width, max_new_tokens, length_penalty, eos_token_ids, device=decoder.device)
+    return BeamGroup(name, prompt_ids, search, decoder.max_seq_len)
+
+
+def beam_search(decoder: Decoder, tokenizer: TextTokenizer, prompt_ids: list[int], width: int, max_new_tokens: int,
+                length_penalty: float = 1.0, eos_token_ids=(), **run_options) -> list[BeamCandidate]:
+    """A beam search through an Engine (`run_engine`'s options: prompts beside it, the prefill chunk...)."""
+    group = beam_group(decoder, prompt_ids, width, max_new_tokens, length_penalty, eos_token_ids)
+    run_beside(decoder, tokenizer, group, **run_options)
+    return group.results()
+
+
+def score_candidates(decoder: Decoder, tokenizer: TextTokenizer, prompt_ids: list[int], candidates: list[list[int]],
+                     length_penalty: float = 1.0, **run_options) -> list[float]:
+    """Candidate scores through an Engine (`run_engine`'s options)."""
+    group = ScoreGroup("score", prompt_ids, candidates, decoder.max_seq_len)
+    run_beside(decoder, tokenizer, group, **run_options)
+    return group.scores(length_penalty)
+
+
+def run_beside(decoder: Decoder, tokenizer: TextTokenizer, group: RowGroup, beside: list[list[int]] = (),
+               max_tokens: int = 8, **options) -> list[Result]:
+    """Run `group` to its end beside greedy sequences of the `beside` prompts; their results."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    results = run_engine(decoder, tokenizer, list(beside), params, groups=[group], **options)
+    assert group.finish_reason == FinishReason.DONE, group.error
+    return results
 
 
 def greedy(decoder: Decoder, tokenizer: TextTokenizer, prompts: list[list[int]], max_tokens: int,
