@@ -9,8 +9,8 @@ several rows (`groups.py`): admitted and prefilled as one prompt, then a row per
 Isolation: work that belongs to one sequence (its prefill, sampling its token, detokenizing, its stop
 checks; a group's choices) ends only that sequence when it raises: it finishes as FAILED with the exception,
 and the others go on. A group prefill that raises is retried one prompt at a time, a batched sampling one row
-at a time, so only the culprit fails. The decode step's one forward pass over every running sequence cannot be pinned on
-one of them: an exception there leaves `step()` (the worker then fails the running jobs).
+at a time, so only the culprit fails. The decode step's one forward pass over every running row cannot be
+pinned on one of them: an exception there leaves `step()` (the worker then fails the running jobs).
 """
 
 from __future__ import annotations
@@ -277,7 +277,7 @@ class Engine(GroupSteps):
         return updates
 
     def _retire_finished(self) -> None:
-        """Drop finished sequences, moving the last running one into each freed slot."""
+        """Drop finished rows, moving the last running one into each freed slot."""
         slot = 0
         while slot < len(self.running):
             if not self.running[slot].finished:

@@ -107,8 +107,8 @@ def fork(group: RowGroup, parents: list[int], running: list, decoder) -> None:
     (or a new one at the end of `running`) and a copy of its parent's cache. Parents are never written to, so the
     copies can go one by one.
     """
-    old = group.rows
-    spare = [row for index, row in enumerate(old) if index not in set(parents)]
+    old, chosen = group.rows, set(parents)
+    spare = [row for index, row in enumerate(old) if index not in chosen]
     rows: list[GroupRow | None] = []
     taken: set[int] = set()
     for parent in parents:
@@ -130,7 +130,11 @@ def fork(group: RowGroup, parents: list[int], running: list, decoder) -> None:
 
 
 class GroupSteps:
-    """The engine's part for groups: starting one on its prompt, its rows after a decode step, feeding one."""
+    """The engine's part for groups: starting one on its prompt, its rows after a decode step, feeding one.
+
+    A part of `Engine` (a base class of it, kept here with the groups): it works on the engine's `running` rows,
+    `prefilling` job, `decoder` and `prefill_chunk`, and uses its `_sample` and `_fail`.
+    """
 
     def _start_group(self, group: RowGroup, logits: torch.Tensor) -> list[Update]:
         """The group's prompt is in (it was prefilled alone, in the slot just after the running batch)."""
