@@ -80,6 +80,26 @@ def test_a_cancel_signal_ends_the_job_as_canceled(connection, tiny_weights):
     assert StartedJobRegistry("cpu", connection=connection).get_job_ids() == []
 
 
+@pytest.mark.parametrize("kind", ["beam", "score"])
+def test_a_cancelled_beam_or_scoring_job_ends_as_canceled_and_the_batch_goes_on(connection, tiny_weights, kind):
+    tokenizer = load_tokenizer(str(tiny_weights))
+    job_id = uuid.uuid4().hex
+    options = ({"beam": BeamOptions(beam_width=3, use_rerank=False)} if kind == "beam"
+               else {"score": ScoreOptions(candidates=["a short answer", "another one"])})
+    job = GenerationJob(job_id=job_id, prompt_ids=tokenizer.encode("Cancel this search"), kind=JobKind(kind),
+                        sampling=SamplingParams(max_tokens=40), **options)
+    Queue("cpu", connection=connection, serializer=JSONSerializer).enqueue(
+        JOB_FUNCTION, kwargs={"payload": job.model_dump(mode="json")}, job_id=job_id)
+    beside = enqueue(connection, tiny_weights, "A stream beside it", max_tokens=6, temperature=0)
+    connection.set(cancel_key(job_id), "1")
+    run_worker(connection, tiny_weights)
+    assert [e.type for e in read_backlog(connection, job_id)] == ["error"]
+    assert read_backlog(connection, job_id)[-1].data["error"]["type"] == "cancelled"
+    assert job_id in CanceledJobRegistry("cpu", connection=connection).get_job_ids()
+    assert read_backlog(connection, beside)[-1].type == "done"
+    assert StartedJobRegistry("cpu", connection=connection).get_job_ids() == []
+
+
 def test_a_malformed_payload_fails_the_job_with_an_error_event(connection, tiny_weights):
     job_id = uuid.uuid4().hex
     Queue("cpu", connection=connection, serializer=JSONSerializer).enqueue(
