@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.engine_helpers import REAL_NEW_TOKENS, beam_search, greedy, score_candidates
+from tests.engine_helpers import REAL_NEW_TOKENS, REAL_WEIGHTS, beam_search, greedy, score_candidates
 from tests.engine_helpers import load_transformers as load_hf
 from tests.test_engine_beam import CHAT, RAW, assert_same_beams, hf_beams
 
@@ -13,14 +13,18 @@ pytest_plugins = ["tests.engine_fixtures"]
 pytestmark = pytest.mark.model
 
 
-@pytest.mark.parametrize("prompt_kind", ["chat", "raw"])
-def test_smollm2_beams_match_transformers(real_fp32, real_tokenizer, prompt_kind):
-    from tests.engine_helpers import REAL_WEIGHTS
+@pytest.fixture(scope="module")
+def real_hf():
+    """transformers' own SmolLM2 in fp32."""
+    return load_hf(REAL_WEIGHTS)
 
+
+@pytest.mark.parametrize("prompt_kind", ["chat", "raw"])
+def test_smollm2_beams_match_transformers(real_fp32, real_hf, real_tokenizer, prompt_kind):
     prompt = real_tokenizer.encode_chat(CHAT) if prompt_kind == "chat" else real_tokenizer.encode(RAW)
     eos = real_tokenizer.eos_token_ids
     ours = beam_search(real_fp32, real_tokenizer, prompt, 4, 24, 1.0, eos)
-    assert_same_beams(ours, hf_beams(load_hf(REAL_WEIGHTS), prompt, 4, 24, eos))
+    assert_same_beams(ours, hf_beams(real_hf, prompt, 4, 24, eos))
     [best] = beam_search(real_fp32, real_tokenizer, prompt, 1, 24, 1.0, eos)
     assert best.token_ids == greedy(real_fp32, real_tokenizer, [prompt], 24)[0]
     scores = score_candidates(real_fp32, real_tokenizer, prompt, [c.token_ids for c in ours])
