@@ -1,5 +1,6 @@
-"""Helpers of the engine tests: decoder loading, transformers references, and `run_engine`, which drives the
-engine step by step and keeps every text delta (fixtures: engine_fixtures.py; the tiny model: tiny_model.py).
+"""Helpers of the engine tests: decoder loading, transformers references, `run_engine`, which drives the
+engine step by step and keeps every text delta, and beam search and scoring through it (fixtures:
+engine_fixtures.py; the tiny model: tiny_model.py).
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 
 from shared.sampling import SamplingParams
@@ -34,6 +36,10 @@ TINY_CHAT = "Hi there, how are you?"
 REAL_CHAT = ("What is the capital of France?", "Write a haiku about the sea.", "Explain recursion to a child.")
 REAL_RAW = ("The history of the Roman Empire", "def fibonacci(n):\n", "Once upon a time, in a small village")
 REAL_NEW_TOKENS = 64
+
+BEAM_CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+BEAM_RAW = "The three primary colors are"
+"""The beam search tests' prompts."""
 
 MAX_STEPS = 5000
 """run_engine fails rather than loops forever when the engine stops making progress."""
@@ -131,6 +137,32 @@ def run_beside(decoder: Decoder, tokenizer: TextTokenizer, group: RowGroup, besi
     results = run_engine(decoder, tokenizer, list(beside), params, groups=[group], **options)
     assert group.finish_reason == FinishReason.DONE, group.error
     return results
+
+
+def hf_beams(model, prompt_ids: list[int], width: int, max_new_tokens: int, eos: list[int],
+             length_penalty: float = 1.0) -> list[tuple[list[int], float]]:
+    """transformers' returned sequences (after the prompt, cut after their first EOS) and sequences_scores."""
+    ids = torch.tensor([prompt_ids])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=width, num_return_sequences=width,
+                         do_sample=False, max_new_tokens=max_new_tokens, length_penalty=length_penalty,
+                         early_stopping=False, eos_token_id=eos, pad_token_id=eos[0],
+                         output_scores=True, return_dict_in_generate=True)
+    if width == 1:  # transformers then decodes greedily and reports per-step logits, not a sequence score
+        steps = torch.stack(out.scores, dim=1).log_softmax(-1)  # [1, steps, V]
+        chosen = out.sequences[:, len(prompt_ids):]
+        logprob = steps.gather(-1, chosen[..., None]).sum().item()
+        return [(chosen[0].tolist(), logprob / chosen.shape[1] ** length_penalty)]
+    beams = []
+    for row, score in zip(out.sequences[:, len(prompt_ids):].tolist(), out.sequences_scores.tolist()):
+        ends = [i for i, token in enumerate(row) if token in eos]  # finished shorter rows are padded with EOS
+        beams.append((row[: ends[0] + 1] if ends else row, score))
+    return beams
+
+
+def assert_same_beams(ours, theirs, abs_tolerance: float = 1e-4) -> None:
+    """Our candidates have transformers' tokens and (up to rounding) scores, in its order."""
+    assert [c.token_ids for c in ours] == [ids for ids, _ in theirs]
+    assert [c.score for c in ours] == pytest.approx([score for _, score in theirs], abs=abs_tolerance)
 
 
 def greedy(decoder: Decoder, tokenizer: TextTokenizer, prompts: list[list[int]], max_tokens: int,

@@ -9,42 +9,17 @@ import torch
 
 from shared.exceptions import ContextLengthError
 from tests.beam_reference import reference_beam_search, reference_scores
-from tests.engine_helpers import beam_group, beam_search, greedy, score_candidates
+from tests.engine_helpers import BEAM_CHAT as CHAT
+from tests.engine_helpers import BEAM_RAW as RAW
+from tests.engine_helpers import assert_same_beams, beam_group, beam_search, greedy, hf_beams, score_candidates
 from workers.features.beam import BeamSearch
 from workers.features.scoring import ScoreGroup
 
 pytest_plugins = ["tests.engine_fixtures"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CHAT = [{"role": "user", "content": "What is the capital of France?"}]
-RAW = "The three primary colors are"
 BESIDE = ("The history of the Roman Empire", "def f(x):\n    return x * 2", "a")
 """Prompts decoded greedily in the same batch as a beam search or scoring job."""
-
-
-def hf_beams(model, prompt_ids: list[int], width: int, max_new_tokens: int, eos: list[int],
-             length_penalty: float = 1.0) -> list[tuple[list[int], float]]:
-    """transformers' returned sequences (after the prompt, cut after their first EOS) and sequences_scores."""
-    ids = torch.tensor([prompt_ids])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=width, num_return_sequences=width,
-                         do_sample=False, max_new_tokens=max_new_tokens, length_penalty=length_penalty,
-                         early_stopping=False, eos_token_id=eos, pad_token_id=eos[0],
-                         output_scores=True, return_dict_in_generate=True)
-    if width == 1:  # transformers then decodes greedily and reports per-step logits, not a sequence score
-        steps = torch.stack(out.scores, dim=1).log_softmax(-1)  # [1, steps, V]
-        chosen = out.sequences[:, len(prompt_ids):]
-        logprob = steps.gather(-1, chosen[..., None]).sum().item()
-        return [(chosen[0].tolist(), logprob / chosen.shape[1] ** length_penalty)]
-    beams = []
-    for row, score in zip(out.sequences[:, len(prompt_ids):].tolist(), out.sequences_scores.tolist()):
-        ends = [i for i, token in enumerate(row) if token in eos]  # finished shorter rows are padded with EOS
-        beams.append((row[: ends[0] + 1] if ends else row, score))
-    return beams
-
-
-def assert_same_beams(ours, theirs, abs_tolerance: float = 1e-4) -> None:
-    assert [c.token_ids for c in ours] == [ids for ids, _ in theirs]
-    assert [c.score for c in ours] == pytest.approx([score for _, score in theirs], abs=abs_tolerance)
 
 
 def runner_up_endings(decoder, prompt: list[int], length_penalty: float = 1.0) -> list[int]:

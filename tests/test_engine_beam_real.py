@@ -5,9 +5,18 @@ from __future__ import annotations
 
 import pytest
 
-from tests.engine_helpers import REAL_NEW_TOKENS, REAL_WEIGHTS, beam_search, greedy, score_candidates
+from tests.engine_helpers import BEAM_CHAT as CHAT
+from tests.engine_helpers import BEAM_RAW as RAW
+from tests.engine_helpers import (
+    REAL_NEW_TOKENS,
+    REAL_WEIGHTS,
+    assert_same_beams,
+    beam_search,
+    greedy,
+    hf_beams,
+    score_candidates,
+)
 from tests.engine_helpers import load_transformers as load_hf
-from tests.test_engine_beam import CHAT, RAW, assert_same_beams, hf_beams
 
 pytest_plugins = ["tests.engine_fixtures"]
 pytestmark = pytest.mark.model
