@@ -1,5 +1,5 @@
 """Jobs that hold several rows of the running batch: a beam search (a row per beam), candidate scoring (a row per
-candidate).
+candidate longer than a token).
 
 To the engine's admission and prefill a group is one prompt, as a sequence is: it waits (behind interactive
 sequences, as it needs several free rows at once), is admitted when `width` rows are free, and its prompt is
@@ -79,8 +79,8 @@ class RowGroup:
         return 1, self.prefilled
 
     def start(self, logits: torch.Tensor) -> list[int] | None:
-        """The prompt is in, with the next token's logits `[1, vocab]`: the parent of each row (all 0, the prompt's
-        row), or None when the group has already finished."""
+        """The prompt is in, with the next token's logits `[1, vocab]`. A decoding group returns the parent of each
+        of its rows (all 0: the prompt's row), or None when it has already finished; a fed group returns None."""
         raise NotImplementedError
 
     def advance(self, logits: torch.Tensor) -> list[int] | None:
