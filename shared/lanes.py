@@ -1,10 +1,10 @@
 """Lanes: a pool's work split by how long its client can wait, one RQ queue per lane.
 
 A worker of pool `cpu` listens on `cpu` (interactive: a person waits for the first token), `cpu:side` (beam
-search and candidate scoring, which run beside the batch on caches of their own) and `cpu:batch`
-(`/generate_batch` items, offline work), and takes from them in that order whenever it has room for that
-lane's work. Batch items may hold only part of a worker's slots, so an interactive request always finds one
-free within a step; beam and scoring jobs never stop a worker from taking the other lanes' work.
+search and candidate scoring, which take several rows of the batch each) and `cpu:batch` (`/generate_batch`
+items, offline work), and takes from them in that order whenever it has room for that lane's work. Batch items
+and the rows of beam and scoring jobs may hold only part of a worker's slots together (the batch lane's
+slots), so an interactive request always finds one free within a step.
 
 Workers advertise their room per lane in their RQ worker hash (`LANE_SLOTS_FIELD`) and log every job they end
 (`finished_key`), so the API can bound each lane's waiting work and tell a refused client when to come back
@@ -32,7 +32,7 @@ class Lane(str, enum.Enum):
     """A class of work with its own queue in every pool."""
 
     INTERACTIVE = "interactive"  # /generate, /stream, /chat, /v1: the pool's own queue
-    SIDE = "side"  # beam search and scoring, MAX_SIDE_TASKS per worker
+    SIDE = "side"  # beam search and scoring, MAX_SIDE_TASKS jobs per worker
     BATCH = "batch"  # /generate_batch items: they yield to the other lanes
 
 
@@ -46,7 +46,8 @@ STARTING = "starting"
 """The `state` of a worker's RQ hash while it loads its model (RQ's own name for a worker not yet working)."""
 
 MAX_SIDE_TASKS = 2
-"""Beam searches and scoring jobs a worker runs at once (each holds a cache of its own)."""
+"""Beam searches and scoring jobs a worker runs at once. Each holds up to 8 rows of the batch (its width, its
+candidates), within the rows the batch lane's slots give yielding work; the API's admission bound counts jobs."""
 
 FINISHED_WINDOW_S = 60
 """How far back the log of ended jobs reaches (the admission bound's throughput is measured over it)."""
@@ -76,8 +77,9 @@ def lane_for(job: GenerationJob, *, batch: bool = False) -> Lane:
 
 
 def lane_slots(max_batch_size: int, batch_lane_slots: int = 0) -> dict[Lane, int]:
-    """Jobs of each lane a worker with `max_batch_size` slots runs at once: batch items hold at most
-    BATCH_LANE_SLOTS of them (three quarters by default, never all), so interactive work always finds one."""
+    """Jobs of each lane a worker with `max_batch_size` slots runs at once: batch items (with the rows of beam and
+    scoring jobs) hold at most BATCH_LANE_SLOTS of them (three quarters by default, never all), so interactive
+    work always finds one."""
     batch = batch_lane_slots or (3 * max_batch_size) // 4
     return {Lane.INTERACTIVE: max_batch_size, Lane.SIDE: MAX_SIDE_TASKS,
             Lane.BATCH: max(1, min(batch, max_batch_size - 1))}

@@ -59,7 +59,7 @@ class Settings:
     max_queue_wait_s: float = 2.0  # with MAX_QUEUED 0: admit what the lane's recent rate starts within this
     max_queued_batch: int = 1024  # /generate_batch items a pool may hold waiting (batches are meant to wait)
     queue_deadline_s: float = 60.0  # a job that waited this long in its queue fails instead of starting; 0: never
-    batch_lane_slots: int = 0  # slots of a worker batch items may hold; 0: three quarters of MAX_BATCH_SIZE
+    batch_lane_slots: int = 0  # slots batch items, beam and scoring rows may hold; 0: 3/4 of MAX_BATCH_SIZE
     crash_after_tokens: int = 0  # test-only fault hook: a worker exits abruptly once a job has this many tokens
     # Security (README, "Security"): API keys, the routes open without one, a per-key limit, CORS.
     api_keys: str = dataclasses.field(default="", repr=False)  # `[name:]key`, comma-separated; never in a repr

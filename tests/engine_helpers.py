@@ -1,5 +1,6 @@
-"""Helpers of the engine tests: decoder loading, transformers references, and `run_engine`, which drives the
-engine step by step and keeps every text delta (fixtures: engine_fixtures.py; the tiny model: tiny_model.py).
+"""Helpers of the engine tests: decoder loading, transformers references, `run_engine`, which drives the
+engine step by step and keeps every text delta, and beam search and scoring through it (fixtures:
+engine_fixtures.py; the tiny model: tiny_model.py).
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 
 from shared.sampling import SamplingParams
@@ -14,7 +16,10 @@ from shared.tokenizer import TextTokenizer
 from workers.cpu.decoder import INT8Decoder
 from workers.engine.decoder import Decoder
 from workers.engine.engine import Engine
+from workers.engine.groups import RowGroup
 from workers.engine.sequence import FinishReason, Sequence, Update
+from workers.features.beam import BeamCandidate, BeamGroup, BeamSearch
+from workers.features.scoring import ScoreGroup
 from workers.gpu.decoder import CUDADecoder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +36,10 @@ TINY_CHAT = "Hi there, how are you?"
 REAL_CHAT = ("What is the capital of France?", "Write a haiku about the sea.", "Explain recursion to a child.")
 REAL_RAW = ("The history of the Roman Empire", "def fibonacci(n):\n", "Once upon a time, in a small village")
 REAL_NEW_TOKENS = 64
+
+BEAM_CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+BEAM_RAW = "The three primary colors are"
+"""The beam search tests' prompts."""
 
 MAX_STEPS = 5000
 """run_engine fails rather than loops forever when the engine stops making progress."""
@@ -77,15 +86,16 @@ class Result:
 
 def run_engine(decoder: Decoder, tokenizer: TextTokenizer, prompts: list[list[int]],
                params: SamplingParams | list[SamplingParams], *, eos_token_ids=None, prefill_chunk: int = 256,
-               after_step=None) -> list[Result]:
-    """Run all prompts through one Engine until every sequence ends; `after_step(engine, step)` may intervene."""
+               after_step=None, groups: list[RowGroup] = ()) -> list[Result]:
+    """Run all prompts through one Engine until every sequence ends; `after_step(engine, step)` may intervene.
+    `groups` (beam searches, scoring) are added after the prompts and run beside them."""
     eos = tokenizer.eos_token_ids if eos_token_ids is None else eos_token_ids
     engine = Engine(decoder, tokenizer.backend, eos, prefill_chunk=prefill_chunk)
     per_prompt = params if isinstance(params, list) else [params] * len(prompts)
     sequences = [Sequence(str(i), ids, p, tokenizer.backend) for i, (ids, p) in enumerate(zip(prompts, per_prompt))]
-    for sequence in sequences:
+    for sequence in [*sequences, *groups]:
         engine.add(sequence)
-    updates: dict[str, list[Update]] = {s.id: [] for s in sequences}
+    updates: dict[str, list[Update]] = {s.id: [] for s in [*sequences, *groups]}
     step = 0
     while engine.has_work:
         for update in engine.step():
@@ -95,6 +105,64 @@ def run_engine(decoder: Decoder, tokenizer: TextTokenizer, prompts: list[list[in
         if after_step is not None:
             after_step(engine, step)
     return [Result(s.output_ids, updates[s.id], s.finish_reason, s.output_text) for s in sequences]
+
+
+def beam_group(decoder: Decoder, prompt_ids: list[int], width: int, max_new_tokens: int, length_penalty: float = 1.0,
+               eos_token_ids=(), name: str = "beam") -> BeamGroup:
+    """A beam search of `prompt_ids` for `decoder`'s engine."""
+    search = BeamSearch(width, max_new_tokens, length_penalty, eos_token_ids, device=decoder.device)
+    return BeamGroup(name, prompt_ids, search, decoder.max_seq_len)
+
+
+def beam_search(decoder: Decoder, tokenizer: TextTokenizer, prompt_ids: list[int], width: int, max_new_tokens: int,
+                length_penalty: float = 1.0, eos_token_ids=(), **run_options) -> list[BeamCandidate]:
+    """A beam search through an Engine (`run_engine`'s options: prompts beside it, the prefill chunk...)."""
+    group = beam_group(decoder, prompt_ids, width, max_new_tokens, length_penalty, eos_token_ids)
+    run_beside(decoder, tokenizer, group, **run_options)
+    return group.results()
+
+
+def score_candidates(decoder: Decoder, tokenizer: TextTokenizer, prompt_ids: list[int], candidates: list[list[int]],
+                     length_penalty: float = 1.0, **run_options) -> list[float]:
+    """Candidate scores through an Engine (`run_engine`'s options)."""
+    group = ScoreGroup("score", prompt_ids, candidates, decoder.max_seq_len)
+    run_beside(decoder, tokenizer, group, **run_options)
+    return group.scores(length_penalty)
+
+
+def run_beside(decoder: Decoder, tokenizer: TextTokenizer, group: RowGroup, beside: list[list[int]] = (),
+               max_tokens: int = 8, **options) -> list[Result]:
+    """Run `group` to its end beside greedy sequences of the `beside` prompts; their results."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    results = run_engine(decoder, tokenizer, list(beside), params, groups=[group], **options)
+    assert group.finish_reason == FinishReason.DONE, group.error
+    return results
+
+
+def hf_beams(model, prompt_ids: list[int], width: int, max_new_tokens: int, eos: list[int],
+             length_penalty: float = 1.0) -> list[tuple[list[int], float]]:
+    """transformers' returned sequences (after the prompt, cut after their first EOS) and sequences_scores."""
+    ids = torch.tensor([prompt_ids])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=width, num_return_sequences=width,
+                         do_sample=False, max_new_tokens=max_new_tokens, length_penalty=length_penalty,
+                         early_stopping=False, eos_token_id=eos, pad_token_id=eos[0],
+                         output_scores=True, return_dict_in_generate=True)
+    if width == 1:  # transformers then decodes greedily and reports per-step logits, not a sequence score
+        steps = torch.stack(out.scores, dim=1).log_softmax(-1)  # [1, steps, V]
+        chosen = out.sequences[:, len(prompt_ids):]
+        logprob = steps.gather(-1, chosen[..., None]).sum().item()
+        return [(chosen[0].tolist(), logprob / chosen.shape[1] ** length_penalty)]
+    beams = []
+    for row, score in zip(out.sequences[:, len(prompt_ids):].tolist(), out.sequences_scores.tolist()):
+        ends = [i for i, token in enumerate(row) if token in eos]  # finished shorter rows are padded with EOS
+        beams.append((row[: ends[0] + 1] if ends else row, score))
+    return beams
+
+
+def assert_same_beams(ours, theirs, abs_tolerance: float = 1e-4) -> None:
+    """Our candidates have transformers' tokens and (up to rounding) scores, in its order."""
+    assert [c.token_ids for c in ours] == [ids for ids, _ in theirs]
+    assert [c.score for c in ours] == pytest.approx([score for _, score in theirs], abs=abs_tolerance)
 
 
 def greedy(decoder: Decoder, tokenizer: TextTokenizer, prompts: list[list[int]], max_tokens: int,

@@ -43,8 +43,12 @@ def test_chat_with_history_in_objects_streams_a_reply(service):
 
 def beam(service, use_rerank: bool) -> tuple[dict, list, dict]:
     """(candidates event, token events, done event) of a width-4 beam search for QUESTION."""
-    events = stream(service, "/stream_chat_beam", {"messages": [QUESTION], "beam_width": 4, "max_tokens": 16,
-                                                   "use_rerank": use_rerank})
+    return beam_of(service, {"messages": [QUESTION], "beam_width": 4, "max_tokens": 16, "use_rerank": use_rerank})
+
+
+def beam_of(service, body: dict) -> tuple[dict, list, dict]:
+    """(candidates event, token events, done event) of a beam search."""
+    events = stream(service, "/stream_chat_beam", body)
     assert [e.event for e in events] == ["candidates"] + ["token"] * (len(events) - 2) + ["done"]
     return events[0].data, events[1:-1], events[-1].data
 
@@ -57,6 +61,20 @@ def test_beam_without_rerank_streams_the_best_beam(service):
     assert done["winner"] == listed["winner"] == 0
     assert [c["beam_score"] for c in candidates] == sorted((c["beam_score"] for c in candidates), reverse=True)
     assert "".join(e.data["text"] for e in tokens) == done["output_text"] == candidates[0]["text"]
+
+
+@pytest.mark.parametrize("question", ["Write a haiku about the sea.", "Explain recursion to a child."])
+def test_a_beam_of_width_one_without_rerank_streams_the_greedy_chat_answer(service, question):
+    # The beam's row is decoded by the same compiled INT8 step as /chat's sequence; on a cache of its own,
+    # decoded eagerly, it parted from it at the 9th and the 23rd token of these.
+    chat = stream(service, "/chat", {"messages": [question], "max_tokens": 48, "temperature": 0})
+    listed, tokens, done = beam_of(service, {"messages": [question], "beam_width": 1, "max_tokens": 48,
+                                             "use_rerank": False})
+    greedy = chat[-1].data
+    assert chat[-1].event == "done" and len(greedy["output_ids"]) > 30
+    assert done["output_ids"] == greedy["output_ids"] and done["finish_reason"] == greedy["finish_reason"]
+    assert "".join(e.data["text"] for e in tokens) == done["output_text"] == greedy["output_text"]
+    assert [c["text"] for c in listed["candidates"]] == [greedy["output_text"]]
 
 
 def test_beam_with_rerank_streams_the_best_combined_score(service):

@@ -80,6 +80,26 @@ def test_a_cancel_signal_ends_the_job_as_canceled(connection, tiny_weights):
     assert StartedJobRegistry("cpu", connection=connection).get_job_ids() == []
 
 
+@pytest.mark.parametrize("kind", ["beam", "score"])
+def test_a_cancelled_beam_or_scoring_job_ends_as_canceled_and_the_batch_goes_on(connection, tiny_weights, kind):
+    tokenizer = load_tokenizer(str(tiny_weights))
+    job_id = uuid.uuid4().hex
+    options = ({"beam": BeamOptions(beam_width=3, use_rerank=False)} if kind == "beam"
+               else {"score": ScoreOptions(candidates=["a short answer", "another one"])})
+    job = GenerationJob(job_id=job_id, prompt_ids=tokenizer.encode("Cancel this search"), kind=JobKind(kind),
+                        sampling=SamplingParams(max_tokens=40), **options)
+    Queue("cpu", connection=connection, serializer=JSONSerializer).enqueue(
+        JOB_FUNCTION, kwargs={"payload": job.model_dump(mode="json")}, job_id=job_id)
+    beside = enqueue(connection, tiny_weights, "A stream beside it", max_tokens=6, temperature=0)
+    connection.set(cancel_key(job_id), "1")
+    run_worker(connection, tiny_weights)
+    assert [e.type for e in read_backlog(connection, job_id)] == ["error"]
+    assert read_backlog(connection, job_id)[-1].data["error"]["type"] == "cancelled"
+    assert job_id in CanceledJobRegistry("cpu", connection=connection).get_job_ids()
+    assert read_backlog(connection, beside)[-1].type == "done"
+    assert StartedJobRegistry("cpu", connection=connection).get_job_ids() == []
+
+
 def test_a_malformed_payload_fails_the_job_with_an_error_event(connection, tiny_weights):
     job_id = uuid.uuid4().hex
     Queue("cpu", connection=connection, serializer=JSONSerializer).enqueue(
@@ -152,8 +172,7 @@ def test_a_sequence_beyond_the_token_budget_waits_until_room_frees(tiny_weights)
 
 
 def test_a_beam_job_streams_candidates_then_the_best_beam(connection, tiny_weights):
-    from workers.cpu.decoder import INT8Decoder
-    from workers.features.beam import beam_search
+    from tests.engine_helpers import beam_search
 
     tokenizer = load_tokenizer(str(tiny_weights))
     # A prompt whose beams end on whole characters; a winner ending inside one is the next test's (known bug).
@@ -165,14 +184,14 @@ def test_a_beam_job_streams_candidates_then_the_best_beam(connection, tiny_weigh
     Queue("cpu", connection=connection, serializer=JSONSerializer).enqueue(
         JOB_FUNCTION, kwargs={"payload": job.model_dump(mode="json")}, job_id=job_id)
     generation = enqueue(connection, tiny_weights, "A stream beside the beam search", max_tokens=8)
-    run_worker(connection, tiny_weights)
+    worker = run_worker(connection, tiny_weights)
     events = read_backlog(connection, job_id)
     assert [e.type for e in events] == ["candidates"] + ["token"] * (len(events) - 2) + ["done"]
     candidates, done = events[0].data["candidates"], events[-1].data
     assert len(candidates) == 3 and done["winner"] == 0
     assert "".join(e.data["text"] for e in events[1:-1]) == done["output_text"] == candidates[0]["text"]
-    decoder = INT8Decoder(max_batch_size=4, max_seq_len=256).load_quantized_weights(tiny_weights / "int8")
-    expected = beam_search(decoder, prompt_ids, 3, 6, 1.0, tokenizer.eos_token_ids)
+    # The same search alone, on the worker's (compiled INT8) decoder.
+    expected = beam_search(worker.engine.decoder, tokenizer, prompt_ids, 3, 6, 1.0, tokenizer.eos_token_ids)
     assert done["output_ids"] == expected[0].token_ids
     assert [c["beam_score"] for c in candidates] == pytest.approx([c.score for c in expected])
     assert read_backlog(connection, generation)[-1].type == "done"  # the batch ran beside it
@@ -183,7 +202,7 @@ def test_a_beam_ending_inside_a_character_lists_the_text_it_streams(tiny_weights
 
     from workers.engine.engine import Engine
     from workers.features.beam import BeamCandidate
-    from workers.features.tasks import BeamTask
+    from workers.features.group_jobs import BeamJob
     from workers.gpu.decoder import CUDADecoder
 
     tokenizer = load_tokenizer(str(tiny_weights))
@@ -191,10 +210,10 @@ def test_a_beam_ending_inside_a_character_lists_the_text_it_streams(tiny_weights
                         sampling=SamplingParams(max_tokens=8), kind=JobKind.BEAM,
                         beam=BeamOptions(beam_width=1, use_rerank=False))
     decoder = CUDADecoder(device="cpu", max_batch_size=1, max_seq_len=64).load_weights(tiny_weights)
-    task = BeamTask(job, Engine(decoder, tokenizer.backend, tokenizer.eos_token_ids))
+    task = BeamJob(job, Engine(decoder, tokenizer.backend, tokenizer.eos_token_ids))
     unfinished = tokenizer.encode("ok \N{GRINNING FACE}")[:-1]  # the emoji's last byte never came
-    task.search = SimpleNamespace(results=lambda: [BeamCandidate(unfinished, -1.0, False)])
-    candidates, *tokens, done = task.finish()
+    task.group = SimpleNamespace(results=lambda: [BeamCandidate(unfinished, -1.0, False)])
+    candidates, *tokens, done = task.events()
     streamed = "".join(token.text for token in tokens)
     assert streamed == "ok " and "\N{REPLACEMENT CHARACTER}" not in candidates.candidates[0].text
     assert candidates.candidates[0].text == streamed == done.output_text

@@ -1,6 +1,7 @@
 """One job's failure is that job's alone: a fault planted in one generation, beam or scoring job's work fails
-it (an `error` event, failed in RQ) while the jobs of every kind beside it on the worker finish with the
-output they have without the fault. And the reranker is loaded before the worker registers.
+it (an `error` event, failed in RQ) while the jobs of every kind beside it in the worker's batch finish with the
+output they have without the fault. A fault in the batch's shared decode pass fails the jobs in the engine and
+the worker serves on. And the reranker is loaded before the worker registers.
 
 A real `CPUWorker` in-process (RQ's burst mode) on the tiny model, against the real Redis of
 TEST_REDIS_URL: each test has a queue of its own, and its keys are removed afterwards.
@@ -25,8 +26,9 @@ from shared.tokenizer import load_tokenizer
 from tests.service_fixtures import TEST_REDIS_URL
 from workers.cpu import CPUWorker
 from workers.engine.engine import Engine
+from workers.engine.groups import GroupRow
 from workers.features import reranker as reranker_module
-from workers.features.beam import BeamSearch
+from workers.features.beam import BeamGroup
 from workers.features.reranker import Reranker
 
 pytest_plugins = ["tests.engine_fixtures"]
@@ -37,7 +39,7 @@ class InjectedFault(RuntimeError):
     """The failure a test plants in one job's work."""
 
 
-JOBS = {  # name -> (kind, prompt); run in this order, so the first four run together (two side tasks at most)
+JOBS = {  # name -> (kind, prompt); all in the interactive queue, taken at once: they share the worker's batch
     "gen0": ("generate", "The history of the Roman Empire"),
     "gen1": ("generate", "def f(x):\n    return x * 2"),
     "beam0": ("beam", "Once upon a time"),
@@ -63,13 +65,13 @@ def pool():
                 connection.srem(key, member)
 
 
-def enqueue_all(connection, name: str, weights) -> dict[str, str]:
+def enqueue_all(connection, name: str, weights, prefix: str = "") -> dict[str, str]:
     """Enqueue JOBS on the queue `name`; their ids (which contain `name`) by job name."""
     tokenizer = load_tokenizer(str(weights))
     queue = Queue(name, connection=connection, serializer=JSONSerializer)
     ids = {}
     for job_name, (kind, prompt) in JOBS.items():
-        job_id = f"{name}-{job_name}"
+        job_id = f"{name}-{prefix}{job_name}"
         options = {"generate": {},
                    "beam": {"beam": BeamOptions(beam_width=2, use_rerank=job_name == "beam0", context=prompt)},
                    "score": {"score": ScoreOptions(candidates=["Paris", "a city in France", "blue"], context=prompt)},
@@ -138,18 +140,18 @@ def plant_generation_fault(monkeypatch, prompt_ids: list[int]) -> None:
 
 
 def plant_beam_fault(monkeypatch, prompt_ids: list[int]) -> None:
-    """The beam search of `prompt_ids` fails at its third step."""
-    step = BeamSearch.step
+    """The beam search of `prompt_ids` fails choosing its third token."""
+    advance = BeamGroup.advance
     calls = {"count": 0}
 
-    def step_with_fault(self):
+    def advance_with_fault(self, logits):
         if self.prompt_ids == prompt_ids:
             calls["count"] += 1
             if calls["count"] == 3:
                 raise InjectedFault("injected")
-        return step(self)
+        return advance(self, logits)
 
-    monkeypatch.setattr(BeamSearch, "step", step_with_fault)
+    monkeypatch.setattr(BeamGroup, "advance", advance_with_fault)
 
 
 def plant_score_fault(monkeypatch, context: str) -> None:
@@ -197,29 +199,34 @@ def test_a_fault_in_one_jobs_work_fails_that_job_alone(pool, tiny_weights, unfau
         assert other.started_at < failed.ended_at and failed.started_at < other.ended_at, job_name
 
 
-def test_a_failing_decode_pass_fails_the_generation_jobs_but_not_beam_or_scoring(pool, tiny_weights, unfaulted,
-                                                                                 monkeypatch):
+def test_a_failing_decode_pass_fails_the_jobs_in_the_engine_and_the_worker_serves_on(pool, tiny_weights, unfaulted,
+                                                                                     monkeypatch):
     connection, name = pool
-    monkeypatch.setattr(Engine, "decode_once_failed", False, raising=False)
+    in_engine: set[str] = set()
     step = Engine.step
 
     def step_failing_once(self):
-        if self.running and not Engine.decode_once_failed:  # the shared pass of every generation job
-            Engine.decode_once_failed = True
+        # Once a beam search decodes beside the generations: the shared pass of every running row fails.
+        if not in_engine and any(isinstance(row, GroupRow) for row in self.running):
+            in_engine.update(job.id for job in (*self.active, *self.waiting))
             raise InjectedFault("a kernel failure in the batch's forward pass")
         return step(self)
 
     monkeypatch.setattr(Engine, "step", step_failing_once)
     ids = enqueue_all(connection, name, tiny_weights)
     worker = run_worker(connection, name, tiny_weights)
-    generations = [job_name for job_name, (kind, _) in JOBS.items() if kind == "generate"]
-    for job_name in generations:  # all three joined the batch at once (the side tasks never hold them back)
-        assert outcome(connection, ids[job_name])["error"]["type"] == "internal_error"
-    for job_name in JOBS.keys() - set(generations):  # the side tasks went on
+    failed = {job_name for job_name, job_id in ids.items() if job_id in in_engine}
+    assert {"beam0", "gen0"} <= failed  # a beam's rows and a generation's shared the pass
+    for job_name in failed:
+        assert outcome(connection, ids[job_name])["error"]["type"] == "internal_error", job_name
+    for job_name in JOBS.keys() - failed:  # ended before it, or taken after it
         assert outcome(connection, ids[job_name]) == unfaulted[job_name], job_name
-    assert sorted(FailedJobRegistry(name, connection=connection).get_job_ids()) == sorted(
-        ids[job_name] for job_name in generations)
+    assert sorted(FailedJobRegistry(name, connection=connection).get_job_ids()) == sorted(ids[n] for n in failed)
     assert worker.engine is not None and not worker.engine.has_work
+    monkeypatch.setattr(Engine, "step", step)
+    again = enqueue_all(connection, name, tiny_weights, prefix="again-")
+    worker.work(burst=True)  # the same worker, its model still loaded
+    assert {job_name: outcome(connection, job_id) for job_name, job_id in again.items()} == unfaulted
 
 
 def test_the_reranker_is_loaded_before_the_worker_registers(pool, tiny_weights, monkeypatch):

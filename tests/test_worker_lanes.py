@@ -1,5 +1,5 @@
-"""Lanes on the worker: interactive work first, batch items on part of the slots, beam and scoring jobs beside
-the batch without blocking it, the queue deadline, and what a worker tells the API (slots, ended jobs)."""
+"""Lanes on the worker: interactive work first, batch items on part of the slots, beam and scoring jobs in the
+batch without blocking it, the queue deadline, and what a worker tells the API (slots, ended jobs)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from shared.sampling import SamplingParams
 from shared.settings import Settings
 from shared.tokenizer import load_tokenizer
 from workers.cpu import CPUWorker
+from workers.engine.groups import GroupRow
 
 
 @pytest.fixture
@@ -82,13 +83,14 @@ def test_batch_items_hold_only_their_lane_slots_and_interactive_jobs_go_first(co
 
 
 class ArrivingWorker(CPUWorker):
-    """Enqueues one interactive job once its beam searches are under way, as a client arriving then would."""
+    """Enqueues one interactive job once two beam searches decode in its batch, as a client arriving then would."""
 
     arrival: dict = {}
 
-    def step_side_tasks(self) -> None:
-        super().step_side_tasks()
-        if not self.arrival["job_id"] and len(self.side_tasks()) == 2:
+    def step_engine(self) -> None:
+        super().step_engine()
+        beams = {row.group for row in self.engine.running if isinstance(row, GroupRow)}
+        if not self.arrival["job_id"] and len(beams) == 2:
             self.arrival["job_id"] = enqueue(self.connection, self.arrival["weights"], "A short question",
                                              max_tokens=4, temperature=0)
             self.arrival["beams_running_at"] = now()

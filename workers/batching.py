@@ -7,10 +7,12 @@ steps the engine, publishes every token, and settles each job through RQ's own b
 started / finished / failed / canceled registries and heartbeats stay right. Cancellation and job
 timeouts are checked between steps, since nothing can interrupt a job running in-process.
 
-One job's failure is that job's alone: an exception in its admission, in its beam search or scoring step,
-or in its own part of an engine step (`workers/engine/engine.py`) fails it with an `internal_error` event
-while the other jobs go on. Only the engine's shared decode pass, which no single job owns, fails the
-generation jobs together (beam and scoring jobs, on caches of their own, go on even then).
+Beam search and scoring jobs run in the same batch, as groups of rows (`workers/engine/groups.py`).
+
+One job's failure is that job's alone: an exception in its admission, in its own part of an engine step
+(`workers/engine/engine.py`: its prefill, sampling, a beam search's choices...) or in building its result fails
+it with an `internal_error` event while the other jobs go on. Only the engine's shared decode pass, which no
+single job owns, fails the jobs in the engine together.
 """
 
 from __future__ import annotations
@@ -39,15 +41,15 @@ from shared.events import Event, cancel_key, publish_many, read_backlog
 from shared.exceptions import ConfigurationError, ServiceError, ValidationError
 from shared.lanes import LANE_SLOTS_FIELD, LANES, STARTING, Lane, lane_of, lane_slots, queue_name, record_finished
 from shared.model_files import force_offline
-from shared.protocol import DoneEvent, ErrorBody, GenerationJob, TokenEvent, Usage
+from shared.protocol import DoneEvent, ErrorBody, GenerationJob, JobEvent, TokenEvent, Usage
 from shared.recovery import forget_executions
 from shared.settings import Settings
 from shared.tokenizer import load_tokenizer
 from workers.engine.decoder import Decoder
-from workers.engine.engine import Engine
+from workers.engine.engine import Engine, EngineJob
 from workers.engine.sequence import FinishReason, Sequence, Update
+from workers.features.group_jobs import GROUP_JOBS, BeamJob, ScoreJob, load_reranker
 from workers.features.reranker import Reranker
-from workers.features.tasks import SIDE_TASKS, BeamTask, ScoreTask, load_reranker
 from workers.liveness import Liveness
 from workers.metrics import MeteredEngine, MeteredPublisher, WorkerMetrics
 
@@ -81,10 +83,10 @@ class RunningJob:
     lane: Lane
     execution: Execution
     publisher: MeteredPublisher
-    sequence: Sequence | None
+    sequence: EngineJob | None  # what the engine runs: a generation's sequence, a beam or scoring job's group
     started: float
     timed_out: bool = False
-    task: BeamTask | ScoreTask | None = None  # jobs that run beside the batch instead of in it
+    task: BeamJob | ScoreJob | None = None  # a beam or scoring job, which builds its events from its group
 
 
 class BatchingWorker(SimpleWorker):
@@ -135,7 +137,9 @@ class BatchingWorker(SimpleWorker):
         tokenizer = load_tokenizer(self.settings.model_dir)
         return MeteredEngine(decoder, tokenizer.backend, tokenizer.eos_token_ids, metrics=self.metrics,
                              prefill_chunk=self.settings.prefill_chunk,
-                             max_tokens_in_flight=self.settings.max_tokens_in_flight)
+                             max_tokens_in_flight=self.settings.max_tokens_in_flight,
+                             max_yielding_rows=lane_slots(decoder.max_batch_size,
+                                                          self.settings.batch_lane_slots)[Lane.BATCH])
 
     def work(self, *args, **kwargs) -> bool:
         logs.configure(self.settings)  # LOG_FORMAT for our lines and RQ's
@@ -235,7 +239,7 @@ class BatchingWorker(SimpleWorker):
         """Run `job` and every job that joins it until the batch is empty."""
         self.admit(job, queue, from_intermediate=len(self._ordered_queues) == 1)
         try:
-            while self.engine.has_work or self.side_tasks():
+            while self.engine.has_work:
                 if self.drain_is_over():
                     self.hand_back()
                     break
@@ -244,7 +248,6 @@ class BatchingWorker(SimpleWorker):
                 self.check_cancellations()
                 if self.engine.has_work:
                     self.step_engine()
-                self.step_side_tasks()
         except REDIS_DOWN as exc:  # nothing can be published now: leave the jobs to recovery, wait, serve on
             self.log.error("Worker %s: Redis stopped answering mid-batch (%s); %d running jobs are left to "
                            "recovery", self.name, exc, len(self.running))
@@ -260,15 +263,14 @@ class BatchingWorker(SimpleWorker):
             self.set_state(WorkerStatus.IDLE)
 
     def step_engine(self) -> None:
-        """One engine step, published. The engine fails a sequence whose own work raised by itself (see
-        `settle`); what still escapes it is the decode step's one forward pass over every running sequence,
-        which no single job can be blamed for: the generation jobs fail and the engine is rebuilt (the model
-        stays loaded), while beam and scoring jobs, on caches of their own, go on."""
+        """One engine step, published. The engine fails a job whose own work raised by itself (see `settle`);
+        what still escapes it is the decode step's one forward pass over every running row, which no single job
+        can be blamed for: the engine's jobs fail and the engine is rebuilt (the model stays loaded)."""
         try:
             updates = self.engine.step()
         except Exception:  # noqa: BLE001
-            self.log.exception("Worker %s: a batch step failed; its generation jobs fail", self.name)
-            for entry in [entry for entry in self.running.values() if entry.task is None]:
+            self.log.exception("Worker %s: a batch step failed; its jobs fail", self.name)
+            for entry in list(self.running.values()):
                 self.fail(entry, "internal_error", "the worker failed while generating", sys.exc_info())
             self.engine = self.engine_for(self.engine.decoder)
             return
@@ -332,21 +334,23 @@ class BatchingWorker(SimpleWorker):
     def lanes_with_room(self) -> list[Queue]:
         """The queues (in lane order) whose next job this worker would start at once.
 
-        A generation job needs the engine to want one more (a slot, and a place in the next prefill); a batch
-        item also needs one of the batch lane's slots; a beam or scoring job needs a side-task place only.
+        Every job needs the engine to want one more (a row, and a place in the next prefill; for the side and
+        batch lanes, within the rows such work may hold); a beam or scoring job also one of the side lane's
+        places, a batch item one of the batch lane's slots.
         """
         slots = self.lane_slots()
         running = {lane: 0 for lane in LANES}
         for entry in self.running.values():
             running[entry.lane] += 1
+        yielding = self.engine.wants_more()
         room = {Lane.INTERACTIVE: self.engine.wants_more(urgent=True),
-                Lane.SIDE: running[Lane.SIDE] < slots[Lane.SIDE],
-                Lane.BATCH: self.engine.wants_more() and running[Lane.BATCH] < slots[Lane.BATCH]}
+                Lane.SIDE: yielding and running[Lane.SIDE] < slots[Lane.SIDE],
+                Lane.BATCH: yielding and running[Lane.BATCH] < slots[Lane.BATCH]}
         return [queue for queue in self._ordered_queues if room[lane_of(queue.name)]]
 
     @logs.for_job(job_log_ids)
     def admit(self, job: Job, queue: Queue, *, from_intermediate: bool = False) -> None:
-        """Start `job` in RQ's registries and hand its sequence to the engine (or start its side task).
+        """Start `job` in RQ's registries and hand its sequence (a beam or scoring job: its group) to the engine.
 
         `from_intermediate`: RQ moved the job to its intermediate queue (a dequeue from one queue does).
         """
@@ -367,15 +371,16 @@ class BatchingWorker(SimpleWorker):
             if not sent and deadline and waited_s > deadline:
                 raise QueueDeadlineError(f"the job waited {waited_s:.1f} s in the '{queue.name}' queue, past its "
                                          f"queue deadline of {deadline:g} s (queue_deadline_s); it was not started")
-            if payload.kind in SIDE_TASKS:
+            resumed = [TokenEvent.model_validate(event.data).token for event in sent if event.type == "token"]
+            if payload.kind in GROUP_JOBS:
                 if sent:
                     raise ResumeError("its worker died while publishing its result; a beam search or scoring job "
                                       "cannot resume from part of its events (send it again)")
-                entry.task = SIDE_TASKS[payload.kind](payload, self.engine, self.reranker)
+                entry.task = GROUP_JOBS[payload.kind](payload, self.engine, self.reranker)
+                entry.sequence = entry.task.group
             else:
-                resumed = [TokenEvent.model_validate(event.data).token for event in sent if event.type == "token"]
                 entry.sequence = Sequence(job.id, payload.prompt_ids, payload.sampling, self.engine.tokenizer)
-                self.engine.add(entry.sequence, resumed, yields=lane is Lane.BATCH)
+            self.engine.add(entry.sequence, resumed, yields=lane is Lane.BATCH)
         except ResumeError as exc:
             self.fail(entry, "job_lost", str(exc), sys.exc_info())
             return
@@ -419,12 +424,7 @@ class BatchingWorker(SimpleWorker):
             if not (timed_out or flag is not None):
                 continue
             entry.timed_out = timed_out
-            if entry.task is None:
-                self.engine.cancel(job_id)  # ends at the next step, through settle()
-            elif timed_out:
-                self.fail_timed_out(entry)
-            else:
-                self.cancel(entry)
+            self.engine.cancel(job_id)  # ends at the next step, through settle()
 
     # -- publishing and settling ---------------------------------------------------------------------
 
@@ -446,32 +446,15 @@ class BatchingWorker(SimpleWorker):
             if update.finished:
                 self.settle(self.running[update.sequence.id])
 
-    def side_tasks(self) -> list[RunningJob]:
-        """Running jobs that are side tasks (beam search, scoring)."""
-        return [entry for entry in self.running.values() if entry.task is not None]
-
-    def step_side_tasks(self) -> None:
-        """One step of each side task; publish what it produced and settle it when it is over."""
-        for entry in self.side_tasks():
-            try:
-                events, finished = entry.task.step()
-            except (ValueError, ValidationError) as exc:
-                self.fail(entry, "invalid_job", str(exc), sys.exc_info())
-                continue
-            except Exception as exc:  # noqa: BLE001 (the task's own work: nothing else is touched)
-                self.fail_alone(entry, exc)
-                continue
-            publish_many(self.connection, [(entry.publisher, event) for event in events if not event.terminal])
-            if finished:
-                self.succeed(entry, next(event for event in events if event.terminal))
-
-    def result(self, entry: RunningJob) -> DoneEvent:
-        """The `done` event of a finished sequence."""
+    def result(self, entry: RunningJob) -> list[JobEvent]:
+        """The events that end a finished job: a sequence's `done`; a beam or scoring job's from its group."""
+        if entry.task is not None:
+            return entry.task.events()
         sequence = entry.sequence
-        return DoneEvent(job_id=entry.job.id, output_text=sequence.output_text, output_ids=sequence.output_ids,
-                         finish_reason=sequence.finish_reason.value,
-                         usage=Usage(prompt_tokens=len(sequence.prompt_ids),
-                                     completion_tokens=len(sequence.output_ids)))
+        return [DoneEvent(job_id=entry.job.id, output_text=sequence.output_text, output_ids=sequence.output_ids,
+                          finish_reason=sequence.finish_reason.value,
+                          usage=Usage(prompt_tokens=len(sequence.prompt_ids),
+                                      completion_tokens=len(sequence.output_ids)))]
 
     @logs.for_job(job_log_ids)
     def succeed(self, entry: RunningJob, done: DoneEvent) -> None:
@@ -489,11 +472,22 @@ class BatchingWorker(SimpleWorker):
         if sequence.finish_reason == FinishReason.FAILED:
             self.fail_alone(entry, sequence.error)
         elif sequence.finish_reason != FinishReason.CANCELLED:
-            self.succeed(entry, self.result(entry))
+            self.finish(entry)
         elif entry.timed_out:
             self.fail_timed_out(entry)
         else:
             self.cancel(entry)
+
+    def finish(self, entry: RunningJob) -> None:
+        """Publish a finished job's result events and mark it finished; a failure building them (a beam job's
+        reranking, say) fails the job alone."""
+        try:
+            events = self.result(entry)
+        except Exception as exc:  # noqa: BLE001 (the job's own work: nothing else is touched)
+            self.fail_alone(entry, exc)
+            return
+        publish_many(self.connection, [(entry.publisher, event) for event in events if not event.terminal])
+        self.succeed(entry, next(event for event in events if event.terminal))
 
     @logs.for_job(job_log_ids)
     def fail_timed_out(self, entry: RunningJob) -> None:

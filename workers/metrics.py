@@ -1,7 +1,7 @@
 """A worker's metrics, pushed to Redis on every heartbeat and served by the API's `/metrics`.
 
 Two sources feed one registry per worker process:
-- `MeteredEngine`: after each step, the batch's size and KV positions, and the step's duration.
+- `MeteredEngine`: after each step, the batch's size (rows) and KV positions, and the step's duration.
 - `MeteredPublisher`: every event a job publishes, which says when its first token went out (time to
   first token), the gaps between its tokens (inter-token latency), its end (end-to-end latency, and why it
   ended) and how many tokens it generated. With the admission of each job (`WorkerMetrics.admitted`): its
@@ -54,10 +54,10 @@ class WorkerMetrics:
 
     def __init__(self):
         self.registry = registry = CollectorRegistry(auto_describe=False)
-        self.batch_size = Gauge("llm_worker_batch_size", "Sequences in the worker's running batch.",
-                                registry=registry)
-        self.waiting = Gauge("llm_worker_waiting_sequences", "Sequences the worker has taken that wait for a "
-                             "batch slot or are being prefilled.", registry=registry)
+        self.batch_size = Gauge("llm_worker_batch_size", "Rows of the worker's running batch (a sequence each, a "
+                                "beam search one per beam).", registry=registry)
+        self.waiting = Gauge("llm_worker_waiting_sequences", "Jobs the worker has taken that wait for their batch "
+                             "rows or are being prefilled.", registry=registry)
         self.kv_used = Gauge("llm_worker_kv_positions_used", "KV cache positions holding the tokens of the "
                              "sequences in the batch.", registry=registry)
         self.kv_reserved = Gauge("llm_worker_kv_positions_reserved", "KV positions reserved by the sequences in "

@@ -2,8 +2,8 @@
 `POST /stream_chat_beam` (beam search, rerank, stream the winner) and `POST /rerank_scores` (debug).
 
 Each renders the conversation with the model's chat template and fits it to the context (`api.prompts`).
-BEAM and SCORE jobs run beside the worker's running batch: a BEAM job publishes a `candidates` event, then
-the winner's `token` events, then `done`; a SCORE job publishes only `done`.
+BEAM and SCORE jobs run in the worker's running batch, a row per beam or candidate: a BEAM job publishes a
+`candidates` event, then the winner's `token` events, then `done`; a SCORE job publishes only `done`.
 """
 
 from __future__ import annotations

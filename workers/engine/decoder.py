@@ -1,8 +1,9 @@
 """The decoder interface both pools implement: load weights once, then prefill and decode batches.
 
-A decoder owns a model and a KV cache of `max_batch_size` slots. The scheduler keeps running sequences
-in slots 0..B-1: `decode` advances all of them by one token in one forward pass, `prefill` feeds a chunk
-of one sequence's prompt into its slot, and `move_slot` compacts the cache when a sequence leaves.
+A decoder owns a model and a KV cache of `max_batch_size` slots, the only cache: every job (a generation,
+each beam of a beam search, each scored candidate) is rows of it. The scheduler keeps running rows in slots
+0..B-1: `decode` advances all of them by one token in one forward pass, `prefill` feeds a chunk of one
+sequence's prompt into its slot, and `move_slot` compacts the cache when a row leaves (and forks a beam).
 """
 
 from __future__ import annotations
@@ -71,7 +72,10 @@ class Decoder:
         self.model = model
         config = model.config
         self.max_seq_len = min(self.max_seq_len, config.max_position_embeddings)
-        self.cache = self.new_cache(self.max_batch_size)
+        self.cache = KVCache(
+            num_layers=config.num_layers, max_slots=self.max_batch_size, num_kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim, max_len=self.max_seq_len, dtype=self.cache_dtype or self.dtype,
+            device=self.device, static=self.static_cache)
         if self.compile_decode:
             self._compile_decode_layer()
 
@@ -100,19 +104,6 @@ class Decoder:
             log.exception("torch.compile of the decode step failed; decoding eagerly")
             self._compiled_layer = None
 
-    def new_cache(self, slots: int, max_len: int | None = None, static: bool | None = None) -> KVCache:
-        """A KV cache of `slots` slots in this decoder's dtype and device, apart from the running batch's.
-
-        Beam search and candidate scoring run on such a private cache, so they never disturb slots 0..B-1.
-        """
-        config = self.config
-        return KVCache(
-            num_layers=config.num_layers, max_slots=slots, num_kv_heads=config.num_kv_heads,
-            head_dim=config.head_dim, max_len=max_len or self.max_seq_len, dtype=self.cache_dtype or self.dtype,
-            device=self.device,
-            static=self.static_cache if static is None else static,
-        )
-
     def _tokens(self, rows: list[list[int]]) -> torch.Tensor:
         return torch.tensor(rows, dtype=torch.long, device=self.device)
 
@@ -128,6 +119,12 @@ class Decoder:
         return self.model(self._tokens(rows), self.cache, slots, [0] * len(prompts),
                           lengths=[len(p) for p in prompts])
 
+    def prefill_rows(self, first_slot: int, rows: list[list[int]], start: int) -> torch.Tensor:
+        """Feed equally long rows of tokens at positions `start..` of slots `first_slot..` (scored candidates);
+        logits `[B, T, vocab]` of every token."""
+        slots = slice(first_slot, first_slot + len(rows))
+        return self.model(self._tokens(rows), self.cache, slots, [start] * len(rows), last_only=False)
+
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One step for the sequences in slots 0..B-1: token b goes at `positions[b]`; logits `[B, vocab]`."""
         batch = len(tokens)
@@ -136,5 +133,5 @@ class Decoder:
         return self.model(self._tokens([[t] for t in tokens]), self.cache, slice(0, batch), positions)
 
     def move_slot(self, source: int, target: int, length: int) -> None:
-        """Move a sequence's cache to another slot (compaction after a sequence leaves)."""
+        """Copy a row's cache to another slot (compaction after a row leaves, a beam's fork)."""
         self.cache.copy_slot(source, target, length)

@@ -3,13 +3,14 @@
 A step is three parts, as in nano-vllm: schedule (admit waiting sequences into free slots), run (one
 prefill chunk for the sequence being admitted, then one decode step for all running ones) and postprocess
 (sample, detokenise, check stops, retire finished sequences and compact the cache). Running sequences
-sit in slots 0..B-1; the sequence being prefilled sits in slot B.
+sit in slots 0..B-1; the sequence being prefilled sits in slot B. A beam search or scoring job is a group of
+several rows (`groups.py`): admitted and prefilled as one prompt, then a row per beam among the running ones.
 
 Isolation: work that belongs to one sequence (its prefill, sampling its token, detokenizing, its stop
-checks) ends only that sequence when it raises: it finishes as FAILED with the exception, and the others go
-on. A group prefill that raises is retried one prompt at a time, a batched sampling one row at a time, so
-only the culprit fails. The decode step's one forward pass over every running sequence cannot be pinned on
-one of them: an exception there leaves `step()` (the worker then fails the running jobs).
+checks; a group's choices) ends only that sequence when it raises: it finishes as FAILED with the exception,
+and the others go on. A group prefill that raises is retried one prompt at a time, a batched sampling one row
+at a time, so only the culprit fails. The decode step's one forward pass over every running row cannot be
+pinned on one of them: an exception there leaves `step()` (the worker then fails the running jobs).
 """
 
 from __future__ import annotations
@@ -22,37 +23,54 @@ from tokenizers import Tokenizer
 
 from shared.limits import check_context
 from workers.engine.decoder import Decoder
+from workers.engine.groups import GroupRow, GroupSteps, RowGroup
 from workers.engine.sampler import sample
 from workers.engine.sequence import FinishReason, Sequence, Update
 
+EngineJob = Sequence | RowGroup
+"""What the engine admits, prefills and ends: a sequence (one row of the batch) or a group of rows."""
 
-class Engine:
+
+class Engine(GroupSteps):
     """Runs many sequences at once on one decoder."""
 
     def __init__(self, decoder: Decoder, tokenizer: Tokenizer, eos_token_ids: Iterable[int], *,
-                 prefill_chunk: int = 256, max_tokens_in_flight: int | None = None):
+                 prefill_chunk: int = 256, max_tokens_in_flight: int | None = None,
+                 max_yielding_rows: int | None = None):
+        """`max_yielding_rows`: rows that work which yields (batch prompts, groups) may hold together at most,
+        so the rest stay free for interactive requests (default: all)."""
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.prefill_chunk = prefill_chunk
         self.max_tokens_in_flight = max_tokens_in_flight or decoder.max_batch_size * decoder.max_seq_len
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
-        self.prefilling: Sequence | None = None
+        self.max_yielding_rows = min(max_yielding_rows or decoder.max_batch_size, decoder.max_batch_size)
+        self.waiting: deque[EngineJob] = deque()
+        self.running: list[Sequence | GroupRow] = []  # the rows of the batch: row b is slot b
+        self.prefilling: EngineJob | None = None
 
     # -- admission -----------------------------------------------------------------------------------
 
-    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
-        """Refuse a request that can never run here (ContextLengthError: context; ValueError: KV budget)."""
+    def check_fits(self, prompt_tokens: int, max_tokens: int, rows: int = 1) -> None:
+        """Refuse a request that can never run here (ContextLengthError: context; ValueError: rows or KV budget)."""
         check_context(prompt_tokens, max_tokens, self.decoder.max_seq_len)
-        if prompt_tokens + max_tokens > self.max_tokens_in_flight:
-            raise ValueError(f"request needs {prompt_tokens + max_tokens} KV positions, more than the "
+        if rows > 1 and rows > self.max_yielding_rows:  # a group always yields
+            raise ValueError(f"request needs {rows} rows of the batch, more than the {self.max_yielding_rows} this "
+                             "worker gives beam searches, scoring and batch prompts")
+        if rows * (prompt_tokens + max_tokens) > self.max_tokens_in_flight:
+            raise ValueError(f"request needs {rows * (prompt_tokens + max_tokens)} KV positions, more than the "
                              f"{self.max_tokens_in_flight} this worker holds")
 
     @property
-    def active(self) -> list[Sequence]:
-        """Sequences holding a slot: running ones, then the one being prefilled."""
-        return self.running + ([self.prefilling] if self.prefilling else [])
+    def active(self) -> list[EngineJob]:
+        """Jobs holding rows: running ones (a group once), then the one being prefilled."""
+        jobs = dict.fromkeys(row.group if isinstance(row, GroupRow) else row for row in self.running)
+        return [*jobs, *([self.prefilling] if self.prefilling else [])]
+
+    @staticmethod
+    def _rows(jobs: Iterable[EngineJob], *, yielding: bool = False) -> int:
+        """Rows of the batch that `jobs` hold or will hold (only those that yield, if `yielding`)."""
+        return sum(job.width for job in jobs if job.yields or not yielding)
 
     def tokens_in_flight(self) -> int:
         """KV positions reserved by the sequences holding a slot."""
@@ -67,33 +85,39 @@ class Engine:
         request (one that does not yield) is added ahead of the yielding ones, so only those it would wait
         behind count: a batch prompt waiting for its prefill never keeps an interactive request in Redis.
         """
-        if len(self.active) + len(self.waiting) >= self.decoder.max_batch_size:
-            return False
         ahead = [s for s in self.waiting if not (urgent and s.yields)]
+        if self._rows([*self.active, *ahead]) >= self.decoder.max_batch_size:
+            return False
+        if not urgent and self._rows([*self.active, *ahead], yielding=True) >= self.max_yielding_rows:
+            return False
         if not ahead:
             return True
         return (self.prefilling is None and self._can_admit(ahead[0], [])
                 and sum(len(s.prefill_ids) for s in ahead) < self.prefill_chunk)
 
-    def _can_admit(self, sequence: Sequence, joining: list[Sequence]) -> bool:
-        """Whether `sequence` fits beside the running ones and those `joining` in this step."""
-        reserved = self.tokens_in_flight() + sum(s.reserved_tokens for s in joining) + sequence.reserved_tokens
-        return (len(self.running) + len(joining) < self.decoder.max_batch_size
-                and reserved <= self.max_tokens_in_flight)
+    def _can_admit(self, sequence: EngineJob, joining: list[EngineJob]) -> bool:
+        """Whether `sequence` fits beside the running ones and those `joining` in this step: its rows (within
+        the share of yielding work if it yields), and its KV positions."""
+        holding = [*self.active, *joining, sequence]
+        return (self._rows(holding) <= self.decoder.max_batch_size
+                and (not sequence.yields or self._rows(holding, yielding=True) <= self.max_yielding_rows)
+                and sum(s.reserved_tokens for s in holding) <= self.max_tokens_in_flight)
 
-    def add(self, sequence: Sequence, resumed_ids: Iterable[int] = (), *, yields: bool = False) -> None:
-        """Queue a sequence; it is admitted at a following step. One that `yields` (batch work) is admitted
-        after every waiting sequence that does not, so an interactive request is never queued behind it.
+    def add(self, sequence: EngineJob, resumed_ids: Iterable[int] = (), *, yields: bool = False) -> None:
+        """Queue a sequence or group; it is admitted at a following step. One that `yields` (batch work, and
+        every group, which waits for several free rows at once) is admitted after every waiting sequence that
+        does not, so an interactive request is never queued behind it.
 
         `resumed_ids` are tokens the sequence's previous worker generated and sent before it died. They are
         replayed as if just sampled (sampler memory, detokenizer, stop filter, stop checks) and prefilled with
         the prompt, so the sequence goes on exactly where its stream stopped.
         """
-        self.check_fits(len(sequence.prompt_ids), sequence.params.max_tokens)
-        for token in resumed_ids:
-            self._record(sequence, token)  # raises: the caller refuses the sequence
-        sequence.prefill_ids = sequence.prompt_ids + sequence.output_ids
-        sequence.yields = yields
+        self.check_fits(len(sequence.prompt_ids), sequence.max_new_tokens, sequence.width)
+        if isinstance(sequence, Sequence):
+            for token in resumed_ids:
+                self._record(sequence, token)  # raises: the caller refuses the sequence
+            sequence.prefill_ids = sequence.prompt_ids + sequence.output_ids
+        sequence.yields = yields = yields or isinstance(sequence, RowGroup)
         ahead = len(self.waiting) if yields else next(
             (i for i, waiting in enumerate(self.waiting) if waiting.yields), len(self.waiting))
         self.waiting.insert(ahead, sequence)
@@ -131,13 +155,14 @@ class Engine:
     def _admit(self) -> list[Sequence]:
         """Take waiting sequences whose prompts fit this step's prefill budget, to prefill together.
 
-        A prompt longer than the budget is admitted alone and prefilled chunk by chunk over several steps.
+        A prompt longer than the budget is admitted alone and prefilled chunk by chunk over several steps, and
+        so is a group's (its rows fork from its prompt's slot, the one after the running batch).
         """
         group: list[Sequence] = []
         budget = self.prefill_chunk
         while self.waiting and self._can_admit(self.waiting[0], group):
             prompt_length = len(self.waiting[0].prefill_ids)
-            if prompt_length > self.prefill_chunk:
+            if prompt_length > self.prefill_chunk or isinstance(self.waiting[0], RowGroup):
                 if not group:
                     self.prefilling = self.waiting.popleft()
                     self.prefilling.slot = len(self.running)
@@ -168,6 +193,8 @@ class Engine:
 
     def _prefill_chunk(self) -> list[Update]:
         sequence = self.prefilling
+        if isinstance(sequence, RowGroup) and sequence.prefilled == len(sequence.prefill_ids):
+            return self._feed_group(sequence)  # its prompt is in; its rows are fed now
         chunk = sequence.prefill_ids[sequence.prefilled: sequence.prefilled + self.prefill_chunk]
         try:
             logits = self.decoder.prefill(sequence.slot, chunk, start=sequence.prefilled)
@@ -177,6 +204,8 @@ class Engine:
         sequence.prefilled += len(chunk)
         if sequence.prefilled < len(sequence.prefill_ids):
             return []
+        if isinstance(sequence, RowGroup):
+            return self._start_group(sequence, logits)
         self.prefilling = None
         self.running.append(sequence)
         return self._sample(logits[None], [sequence])
@@ -185,7 +214,7 @@ class Engine:
         tokens = [s.output_ids[-1] for s in self.running]
         positions = [s.length - 1 for s in self.running]
         logits = self.decoder.decode(tokens, positions)  # one pass for all: a failure here is the batch's
-        return self._sample(logits, list(self.running))
+        return self._advance(logits, list(self.running))
 
     def _sample(self, logits: torch.Tensor, sequences: list[Sequence]) -> list[Update]:
         """Sample each sequence's next token from its row of `logits` `[B, vocab]` and accept it.
@@ -211,7 +240,7 @@ class Engine:
             return self._fail(sequence, exc)
 
     @staticmethod
-    def _fail(sequence: Sequence, error: Exception) -> Update:
+    def _fail(sequence: EngineJob, error: Exception) -> Update:
         """End `sequence` as FAILED: the worker reports `error` for its job alone."""
         sequence.fail(error)
         return Update(sequence, None, "", True)
@@ -248,27 +277,29 @@ class Engine:
         return updates
 
     def _retire_finished(self) -> None:
-        """Drop finished sequences, moving the last running one into each freed slot."""
+        """Drop finished rows, moving the last running one into each freed slot."""
         slot = 0
         while slot < len(self.running):
             if not self.running[slot].finished:
                 slot += 1
                 continue
             last = self.running.pop()
-            if slot < len(self.running):
+            if slot < len(self.running) and not last.finished:  # (a group's rows often end last, together)
                 self.decoder.move_slot(len(self.running), slot, last.length - 1)
                 last.slot = slot
                 self.running[slot] = last
         prefilling = self.prefilling
         if prefilling is not None and prefilling.slot != len(self.running):
-            # The sequence being prefilled lives just after the running ones; keep it there.
-            self.decoder.move_slot(prefilling.slot, len(self.running), prefilling.prefilled)
+            # The job being prefilled lives just after the running ones (a fed group in several slots); keep it there.
+            rows, length = prefilling.prefill_rows() if isinstance(prefilling, RowGroup) else (1, prefilling.prefilled)
+            for offset in range(rows):  # upwards: a slot is read before any row lands on it
+                self.decoder.move_slot(prefilling.slot + offset, len(self.running) + offset, length)
             prefilling.slot = len(self.running)
 
     # -- convenience ---------------------------------------------------------------------------------
 
-    def run(self, sequences: Iterable[Sequence]) -> list[Sequence]:
-        """Add sequences and step until all of them are finished (tests and benchmarks)."""
+    def run(self, sequences: Iterable[EngineJob]) -> list[EngineJob]:
+        """Add sequences (or groups) and step until all of them are finished (tests and benchmarks)."""
         sequences = list(sequences)
         for sequence in sequences:
             self.add(sequence)

@@ -20,10 +20,14 @@ class FinishReason(str, enum.Enum):
     EOS = "eos"
     CANCELLED = "cancelled"
     FAILED = "failed"  # its own work raised (see `Sequence.error`); the rest of the batch went on
+    DONE = "done"  # a group (beam search, scoring: workers/engine/groups.py) has its results
 
 
 class Sequence:
     """A prompt being prefilled or decoded, with its sampler, detokenizer and stop filter."""
+
+    width = 1
+    """Rows of the batch it holds (a group, workers/engine/groups.py, holds several)."""
 
     def __init__(self, sequence_id: str, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer):
         if not prompt_ids:
@@ -52,6 +56,10 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
+    def max_new_tokens(self) -> int:
+        return self.params.max_tokens
+
+    @property
     def reserved_tokens(self) -> int:
         """The most KV positions this sequence can ever need."""
         return len(self.prompt_ids) + self.params.max_tokens
@@ -72,9 +80,10 @@ class Sequence:
 
 @dataclass(frozen=True, slots=True)
 class Update:
-    """What one engine step produced for one sequence: a token and its text delta, and/or the end."""
+    """What one engine step produced for one sequence (or group: its end only): a token and its text delta,
+    and/or the end."""
 
-    sequence: Sequence
+    sequence: Sequence  # or a workers.engine.groups.RowGroup
     token: int | None
     text: str = ""
     finished: bool = False

@@ -1,2 +1,2 @@
-"""Product features built on the serving engine's decoder: beam search, candidate scoring and the reranker,
-and the tasks that run them as jobs beside the running batch (`tasks.SIDE_TASKS`)."""
+"""Product features built on the serving engine: beam search and candidate scoring (groups of rows of the running
+batch, `workers/engine/groups.py`), the reranker, and the jobs that run them (`group_jobs.GROUP_JOBS`)."""

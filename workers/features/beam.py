@@ -1,4 +1,4 @@
-"""Batched beam search on a Decoder, step by step, with the semantics of transformers' `_beam_search`.
+"""Beam search as rows of the running batch, with the semantics of transformers' `_beam_search`.
 
 Reproduces `generate(num_beams=W, num_return_sequences=W, do_sample=False, length_penalty=..., early_stopping=...)`
 of transformers 5 for one prompt:
@@ -13,12 +13,12 @@ of transformers 5 for one prompt:
   normalised by the current generated length, cannot beat the worst of W kept hypotheses (transformers'
   heuristic for `early_stopping=False`; `True` and `"never"` are supported as there).
 
-The beams share the prompt's KV cache: the prompt is prefilled once into slot 0 of a private cache of W
-slots (`prefill_chunk` tokens per `step()`, so a long prompt stalls the worker's other work no longer than
-the engine's own chunks do; the step with the last chunk makes the first choice), and the first reorder
-(every beam's parent is beam 0) copies it to the other slots. Each later step decodes all W beams in one
-forward pass over that cache, so the decoder's running batch in its own cache is never touched and a worker
-may interleave `step()` with its other work.
+`BeamSearch` is that algorithm alone: logits in, the beams' parents and tokens out. `BeamGroup` runs it as W rows
+of the engine's batch (`workers/engine/groups.py`): the prompt is prefilled once, like any prompt, and its
+logits make the first choice (every beam's parent is the prompt's row, so the rows fork from it); then every
+decode step of the batch feeds the W beams' last tokens through the same decode step as every other sequence,
+and a beam that continues another takes a copy of its cache within the batch. So a beam of width 1 is greedy
+decoding, token for token.
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from shared.limits import check_context
-from workers.engine.decoder import Decoder
-from workers.engine.kv_cache import KVCache
-from workers.features.prefill import PromptPrefill
+from workers.engine.groups import RowGroup
+from workers.engine.sequence import FinishReason
 
 NEG_INF = -1.0e9
 """The large negative score transformers uses to rule a beam or hypothesis out."""
@@ -46,40 +45,18 @@ class BeamCandidate:
     ended_with_eos: bool
 
 
-def reorder_slots(cache: KVCache, parents: list[int], length: int) -> None:
-    """Make slot i hold what slot `parents[i]` held, for positions `0..length-1` of every layer.
-
-    Gathers into a new tensor first, so a slot that is both a source and a destination is read before
-    it is overwritten.
-    """
-    if parents == list(range(len(parents))) or length == 0:
-        return
-    index = torch.tensor(parents, device=cache.keys[0].device)
-    with torch.inference_mode():
-        for tensors in (cache.keys, cache.values):
-            for tensor in tensors:  # [slots, kv_heads, capacity, head_dim]
-                tensor[: len(parents), :, :length] = tensor[:, :, :length].index_select(0, index)
-
-
 class BeamSearch:
-    """One prompt's beam search: call `step()` until it returns True, then read `results()`."""
+    """One prompt's beam search decisions: `advance` with each step's logits until `done`, then read `results()`."""
 
-    def __init__(self, decoder: Decoder, prompt_ids: list[int], width: int, max_new_tokens: int,
-                 length_penalty: float = 1.0, eos_token_ids: list[int] | tuple[int, ...] = (),
-                 early_stopping: bool | str = False, prefill_chunk: int | None = None):
-        if not prompt_ids:
-            raise ValueError("beam search needs at least one prompt token")
+    def __init__(self, width: int, max_new_tokens: int, length_penalty: float = 1.0,
+                 eos_token_ids: list[int] | tuple[int, ...] = (), early_stopping: bool | str = False,
+                 device: torch.device | str = "cpu"):
         if width < 1 or max_new_tokens < 1:
             raise ValueError("width and max_new_tokens must be at least 1")
-        check_context(len(prompt_ids), max_new_tokens, decoder.max_seq_len)
-        self.decoder, self.prompt_ids, self.width = decoder, list(prompt_ids), width
-        self.max_new_tokens, self.length_penalty = max_new_tokens, length_penalty
-        self.eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=decoder.device)
+        self.width, self.max_new_tokens, self.length_penalty = width, max_new_tokens, length_penalty
+        self.eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=device)
         self.early_stopping = early_stopping
         self.keep = max(2, 1 + len(self.eos)) * width  # K candidates kept per step
-        self.cache = decoder.new_cache(width, max_len=len(prompt_ids) + max_new_tokens, static=True)
-        self.prompt = PromptPrefill(decoder, self.cache, self.prompt_ids, prefill_chunk)
-        device = decoder.device
         self.running_scores = torch.full((width,), NEG_INF, device=device)  # [W] summed logprobs
         self.running_scores[0] = 0.0  # only beam 0 may expand at first: all beams are the same prompt
         self.running_tokens: list[list[int]] = [[] for _ in range(width)]
@@ -97,25 +74,11 @@ class BeamSearch:
             return ""
         return "length" if self.generated >= self.max_new_tokens else "converged"
 
-    def _logits(self) -> torch.Tensor | None:
-        """Next-token logits `[W, vocab]`: after the prompt's last prefill chunk (None before it), then one
-        batched decode step."""
-        if not self.prompt.done:
-            logits = self.prompt.step()
-            return None if logits is None else logits.expand(self.width, -1)
-        last = [[beam[-1]] for beam in self.running_tokens]
-        tokens = torch.tensor(last, dtype=torch.long, device=self.decoder.device)  # [W, 1]
-        position = len(self.prompt_ids) + self.generated - 1
-        return self.decoder.model(tokens, self.cache, slice(0, self.width), [position] * self.width)
-
-    def step(self) -> bool:
-        """Run one forward pass (a prompt chunk, or all beams' next token) and advance the search by one token
-        once the prompt is in; returns whether it has finished."""
+    def advance(self, logits: torch.Tensor) -> list[int]:
+        """Choose the next W running beams from the running beams' next-token logits `[W, vocab]`: the running
+        beam each continues (its parent; `running_tokens` then hold their tokens). Sets `done` at the end."""
         if self.done:
-            return True
-        logits = self._logits()
-        if logits is None:
-            return False  # more of the prompt to prefill
+            raise ValueError("the beam search has ended")
         logprobs = F.log_softmax(logits.float(), dim=-1)  # [W, V]
         vocab = logprobs.shape[-1]
         accumulated = (logprobs + self.running_scores[:, None]).reshape(-1)  # [W * V]
@@ -126,22 +89,20 @@ class BeamSearch:
         parent_list, token_list = parents.tolist(), tokens.tolist()
         candidates = [self.running_tokens[p] + [t] for p, t in zip(parent_list, token_list)]
         self._update_finished(top_scores, hits, candidates, generated_len)
-        self._update_running(top_scores, hits, candidates, parent_list)
+        chosen_parents = self._update_running(top_scores, hits, candidates, parent_list)
         self.generated = generated_len
         self._check_stop(hits)
-        return self.done
+        return chosen_parents
 
     def _update_running(self, top_scores: torch.Tensor, hits: torch.Tensor, candidates: list[list[int]],
-                        parents: list[int]) -> None:
-        """Keep the best W unfinished candidates and move their parents' caches into their slots."""
+                        parents: list[int]) -> list[int]:
+        """Keep the best W unfinished candidates; the parent of each."""
         running = top_scores + hits.to(torch.float32) * NEG_INF  # [K]
         chosen = torch.topk(running, k=self.width)[1]  # [W]
         self.running_scores = running[chosen]
         chosen_list = chosen.tolist()
         self.running_tokens = [candidates[i] for i in chosen_list]
-        if not bool(hits.all()):  # else the search ends here and the cache is not read again
-            filled = len(self.prompt_ids) + self.generated  # positions written so far in every slot
-            reorder_slots(self.cache, [parents[i] for i in chosen_list], filled)
+        return [parents[i] for i in chosen_list]
 
     def _update_finished(self, top_scores: torch.Tensor, hits: torch.Tensor, candidates: list[list[int]],
                          generated_len: int) -> None:
@@ -173,23 +134,36 @@ class BeamSearch:
         self.done = not (self.can_improve and open_beam and not bool(hits.all()))
 
     def results(self) -> list[BeamCandidate]:
-        """The finished hypotheses, best first (all W once `step()` has returned True)."""
+        """The finished hypotheses, best first (all W once `done`)."""
         eos = set(self.eos.tolist())
         return [BeamCandidate(tokens, score, tokens[-1] in eos)
                 for tokens, score, finished in zip(self.finished_tokens, self.finished_scores.tolist(),
                                                    self.finished_mask.tolist())
                 if finished]
 
-    def run(self) -> list[BeamCandidate]:
-        """Step until the search ends; the W returned candidates, best first."""
-        while not self.step():
-            pass
-        return self.results()
 
+class BeamGroup(RowGroup):
+    """A beam search as `search.width` rows of the running batch (one per beam)."""
 
-def beam_search(decoder: Decoder, prompt_ids: list[int], width: int, max_new_tokens: int,
-                length_penalty: float = 1.0, eos_token_ids: list[int] | tuple[int, ...] = (),
-                early_stopping: bool | str = False, prefill_chunk: int | None = None) -> list[BeamCandidate]:
-    """Convenience: run a whole beam search and return its candidates, best first."""
-    return BeamSearch(decoder, prompt_ids, width, max_new_tokens, length_penalty, eos_token_ids,
-                      early_stopping, prefill_chunk).run()
+    def __init__(self, group_id: str, prompt_ids: list[int], search: BeamSearch, max_seq_len: int):
+        check_context(len(prompt_ids), search.max_new_tokens, max_seq_len)
+        super().__init__(group_id, prompt_ids, search.width, search.max_new_tokens)
+        self.search = search
+
+    def start(self, logits: torch.Tensor) -> list[int] | None:
+        """The first choice: every beam continues the prompt (the prompt's logits for each)."""
+        return self.advance(logits.expand(self.width, -1))
+
+    def advance(self, logits: torch.Tensor) -> list[int] | None:
+        parents = self.search.advance(logits)
+        if self.search.done:
+            self.finish_reason = FinishReason.DONE
+            return None
+        return parents
+
+    def row_tokens(self) -> list[list[int]]:
+        return self.search.running_tokens
+
+    def results(self) -> list[BeamCandidate]:
+        """The candidates, best first (once finished)."""
+        return self.search.results()

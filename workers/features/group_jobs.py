@@ -1,9 +1,8 @@
-"""Jobs that run beside the continuous batch: beam search (then rerank) and candidate scoring.
+"""Jobs that run as a group of rows in the continuous batch: beam search (then rerank) and candidate scoring.
 
-Each task owns a private KV cache (the beams share the prompt's cache inside it), so the running batch
-is never disturbed; the worker calls `step()` once per loop iteration, interleaving it with the batch.
-`step()` runs at most one forward pass, a long prompt taking the engine's `prefill_chunk` tokens per step,
-and returns the events to publish and whether the task is over.
+Each job builds its group (`group`), which the worker hands to the engine like a sequence; once the engine
+reports the group finished, `events()` are what the job publishes: beam search's candidates, the winner's tokens
+and `done`, or scoring's `done`.
 """
 
 from __future__ import annotations
@@ -23,9 +22,9 @@ from shared.protocol import (
 )
 from workers.engine.detokenizer import IncrementalDetokenizer
 from workers.engine.engine import Engine
-from workers.features.beam import BeamSearch
+from workers.features.beam import BeamGroup, BeamSearch
 from workers.features.reranker import Reranker
-from workers.features.scoring import CandidateScorer
+from workers.features.scoring import ScoreGroup
 
 
 def load_reranker() -> Reranker:
@@ -46,11 +45,7 @@ def score_rows(ranking) -> list[dict]:
     return [{"rerank_score": s.rerank_score, "combined_score": s.combined} for s in ranking.scores]
 
 
-TaskStep = tuple[list[JobEvent], bool]
-"""What a task's `step()` returns: the events to publish (in order), and whether the task is over."""
-
-
-class BeamTask:
+class BeamJob:
     """Beam search over the prompt, then the reranker picks a candidate, which is streamed."""
 
     def __init__(self, job: GenerationJob, engine: Engine, reranker: Reranker | None = None):
@@ -60,24 +55,18 @@ class BeamTask:
         self.job, self.tokenizer, self.eos_token_ids = job, engine.tokenizer, set(engine.eos_token_ids)
         self.use_rerank, self.context = options.use_rerank, options.context
         self.reranker = require_reranker(reranker) if self.use_rerank else None
-        self.search = BeamSearch(engine.decoder, job.prompt_ids, options.beam_width, job.sampling.max_tokens,
-                                 options.length_penalty, sorted(self.eos_token_ids),
-                                 prefill_chunk=engine.prefill_chunk)
-
-    def step(self) -> TaskStep:
-        """Advance the search one forward pass; when it ends, the candidates, the winner's tokens and `done`."""
-        if not self.search.step():
-            return [], False
-        return self.finish(), True
+        search = BeamSearch(options.beam_width, job.sampling.max_tokens, options.length_penalty,
+                            sorted(self.eos_token_ids), device=engine.decoder.device)
+        self.group = BeamGroup(job.job_id, job.prompt_ids, search, engine.decoder.max_seq_len)
 
     def token_texts(self, token_ids: list[int]) -> list[str]:
         """Each token's text as a stream shows it (EOS and an unfinished last character show nothing)."""
         detokenizer = IncrementalDetokenizer(self.tokenizer)
         return ["" if token in self.eos_token_ids else detokenizer.add(token) for token in token_ids]
 
-    def finish(self) -> list[JobEvent]:
-        """The `candidates` event, the winner's `token` events, then `done`."""
-        candidates = self.search.results()
+    def events(self) -> list[JobEvent]:
+        """Once the search has ended: the `candidates` event, the winner's `token` events, then `done`."""
+        candidates = self.group.results()
         pieces = [self.token_texts(candidate.token_ids) for candidate in candidates]
         texts = ["".join(texts) for texts in pieces]
         beam_scores = [c.score for c in candidates]
@@ -99,7 +88,7 @@ class BeamTask:
         return [CandidatesEvent(candidates=listed, winner=winner, use_rerank=self.use_rerank), *tokens, done]
 
 
-class ScoreTask:
+class ScoreJob:
     """Scores given candidate texts under the model and the reranker, without generating."""
 
     def __init__(self, job: GenerationJob, engine: Engine, reranker: Reranker | None = None):
@@ -109,19 +98,17 @@ class ScoreTask:
         self.candidates, self.context = job.score.candidates, job.score.context
         self.length_penalty = job.score.length_penalty
         candidate_ids = [engine.tokenizer.encode(text, add_special_tokens=False).ids for text in self.candidates]
-        self.scorer = CandidateScorer(engine.decoder, job.prompt_ids, candidate_ids, engine.prefill_chunk)
+        self.group = ScoreGroup(job.job_id, job.prompt_ids, candidate_ids, engine.decoder.max_seq_len)
 
-    def step(self) -> TaskStep:
-        """One forward pass of the scoring; once every candidate is scored, the `done` event with the scores."""
-        if not self.scorer.step():
-            return [], False
-        lm_scores = self.scorer.scores(self.length_penalty)
+    def events(self) -> list[JobEvent]:
+        """Once every candidate is scored: the `done` event with the scores."""
+        lm_scores = self.group.scores(self.length_penalty)
         ranking = self.reranker.select_best(self.context, self.candidates, lm_scores)
         rows = [ScoredCandidate(index=i, text=text, lm_score=score, **row)
                 for i, (text, score, row) in enumerate(zip(self.candidates, lm_scores, score_rows(ranking)))]
-        return [ScoreDoneEvent(job_id=self.job.job_id, candidates=rows, winner=ranking.index)], True
+        return [ScoreDoneEvent(job_id=self.job.job_id, candidates=rows, winner=ranking.index)]
 
 
-SIDE_TASKS = {JobKind.BEAM: BeamTask, JobKind.SCORE: ScoreTask}
-"""Job kinds run beside the batch, each on a private cache, one step per loop iteration; a new kind of job
-that is not a plain generation adds its task here (and its options and events to `shared.protocol`)."""
+GROUP_JOBS = {JobKind.BEAM: BeamJob, JobKind.SCORE: ScoreJob}
+"""Job kinds that run as a group of batch rows; a new kind of job that is not a plain generation adds its job
+here (its group under workers/features/, its options and events in `shared.protocol`)."""
