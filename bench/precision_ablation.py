@@ -29,7 +29,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from bench.int8_quality import (
+from bench.agreement import (
     CHAT_PROMPTS,
     RAW_PROMPTS,
     agreement_length,
