@@ -107,6 +107,7 @@ class Fidelity:
 
 
 REFERENCE = "fp32 path (the reference)"
+LLAMA_CPP = "llama.cpp on the Q4_1 GGUF"
 
 
 def measure(reference: PathLogits, paths: dict[str, PathLogits], chunks: list[list[int]]) -> dict[str, Fidelity]:
@@ -172,14 +173,18 @@ def llama_cpp_path(python: str, gguf: str, chunks: list[list[int]], threads: int
 
 
 def report(results: dict[str, Fidelity]) -> str:
-    """The results as a Markdown table, one row per path."""
+    """The results as a Markdown table, one row per path, then each mean KL as a multiple of llama.cpp's."""
     baseline = results[REFERENCE].perplexity
     rows = ["| path | mean KL from fp32 (nats) | 99th percentile KL | same top token as fp32 | perplexity |",
             "|---|---|---|---|---|"]
     for label, f in results.items():
         change = f"{100 * (f.perplexity / baseline - 1):+.2f}%"
-        rows.append(f"| {label} | {f.mean_kl:.6f} ± {f.mean_kl_error:.6f} | {f.kl_percentile(99):.6f} | "
+        rows.append(f"| {label} | {f.mean_kl:.3g} ± {f.mean_kl_error:.2g} | {f.kl_percentile(99):.3g} | "
                     f"{100 * f.same_top_share:.2f}% | {f.perplexity:.3f} ({change}) |")
+    if LLAMA_CPP in results:
+        anchor, others = results[LLAMA_CPP].mean_kl, [label for label in results if label not in (REFERENCE, LLAMA_CPP)]
+        rows.append("\nMean KL as a multiple of llama.cpp's: "
+                    + ", ".join(f"{label} {results[label].mean_kl / anchor:.3g}x" for label in others))
     return "\n".join(rows)
 
 
@@ -245,7 +250,7 @@ def main() -> None:
             path, llama = stack.enter_context(
                 llama_cpp_path(args.llama_python, str(gguf_model()), chunks, torch.get_num_threads()))
             check_llama_cpp(llama, tokenizer, chunks[0], fp32.config.vocab_size)
-            paths["llama.cpp on the Q4_1 GGUF"] = path
+            paths[LLAMA_CPP] = path
         results = measure(lambda ids: position_logits(fp32, ids), paths, chunks)
     table = report(results)
     print(table)
