@@ -184,7 +184,7 @@ def report(results: dict[str, Fidelity]) -> str:
     if LLAMA_CPP in results:
         anchor, others = results[LLAMA_CPP].mean_kl, [label for label in results if label not in (REFERENCE, LLAMA_CPP)]
         rows.append("\nMean KL as a multiple of llama.cpp's: "
-                    + ", ".join(f"{label} {results[label].mean_kl / anchor:.3g}x" for label in others))
+                    + "; ".join(f"{label}: {results[label].mean_kl / anchor:.3g}x" for label in others))
     return "\n".join(rows)
 
 
@@ -219,6 +219,18 @@ def cpu_bf16(settings):
     return decoder.load_weights(settings.model_path)
 
 
+def our_paths(settings) -> dict[str, PathLogits]:
+    """This project's paths other than the reference: both INT8 forms as CPU workers load them, and bf16."""
+    from workers.cpu.decoder import INT8Decoder
+
+    decoders = {f"INT8, {'two passes (INT8_RESIDUAL=1)' if residual else 'one pass (the default)'}":
+                INT8Decoder.from_settings(settings, residual=residual, max_batch_size=1, max_seq_len=CONTEXT,
+                                          compile_decode=False)  # prefill only: the decode step is not used
+                for residual in (False, True)}
+    decoders["bf16 model, on the CPU"] = cpu_bf16(settings)
+    return {label: lambda ids, d=decoder: position_logits(d, ids) for label, decoder in decoders.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llama-python", help="a Python with llama-cpp-python, to add llama.cpp's own logits")
@@ -231,7 +243,6 @@ def main() -> None:
     from shared.model_files import force_offline
     from shared.settings import Settings
     from shared.tokenizer import load_tokenizer
-    from workers.cpu.decoder import INT8Decoder
     from workers.gpu.decoder import CUDADecoder
 
     force_offline()
@@ -239,11 +250,7 @@ def main() -> None:
     tokenizer = load_tokenizer(settings.model_dir)
     chunks = text_chunks(tokenizer, args.chunks)
     fp32 = CUDADecoder(device="cpu", max_batch_size=1, max_seq_len=CONTEXT).load_weights(settings.model_path)
-    decoders = {f"INT8, {'two passes (INT8_RESIDUAL=1)' if residual else 'one pass (the default)'}":
-                INT8Decoder.from_settings(settings, residual=residual, max_batch_size=1, max_seq_len=CONTEXT)
-                for residual in (False, True)}
-    decoders["bf16 model, on the CPU"] = cpu_bf16(settings)
-    paths = {label: lambda ids, d=decoder: position_logits(d, ids) for label, decoder in decoders.items()}
+    paths = our_paths(settings)
     with contextlib.ExitStack() as stack:
         llama = None
         if args.llama_python:
@@ -255,7 +262,8 @@ def main() -> None:
     table = report(results)
     print(table)
     if args.write:
-        command = "python -m bench.int8_quality" + (" --llama-python PATH" if llama else "")
+        command = ("python -m bench.int8_quality" + (" --llama-python PATH" if llama else "")
+                   + (f" --chunks {args.chunks}" if args.chunks != CHUNKS else ""))
         write_section("INT8 fidelity (KL divergence from the fp32 path)",
                       f"Machine: {machine()}. One run of `{command}`: {method(chunks, llama)}\n\n{table}")
 
