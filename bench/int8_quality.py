@@ -1,57 +1,52 @@
-"""Quality of the INT8 decoder against the fp32 path (CUDADecoder on the CPU), in one run.
+"""Fidelity of each decoder path to the fp32 path, measured as llama.cpp measures its quantizations, in one run.
 
-    python -m bench.int8_quality [--tokens 32] [--write]
+    python -m bench.int8_quality [--llama-python PATH] [--chunks 16] [--write]
 
-Prints the perplexity of both on a fixed English text (standard-library documentation whose topics the
-SmoothQuant calibration in workers/preparation/smoothing.py does not use), how often their next-token choice
-agrees over that text's positions, and, for 8 prompts (chat-templated and raw), how many greedy tokens
-agree before the first divergence and how often INT8 picks fp32's greedy token given the same context.
-The engine tests import the helpers, so both measure the same thing.
+A fixed English text (standard-library documentation whose topics the SmoothQuant calibration in
+workers/preparation/smoothing.py does not use) is cut into chunks of CONTEXT tokens, each evaluated in one
+pass from an empty cache. As llama.cpp's perplexity tool does (also with `--kl-divergence`), only the second
+half of each chunk is scored, so every scored position sees at least CONTEXT / 2 tokens before it. For each
+path, over those positions: the mean and 99th-percentile KL divergence of its next-token distribution from
+the fp32 path's, the share of positions where its top token is fp32's, and its perplexity on the text.
+
+Paths: one-pass INT8 (the CPU worker's default), two-pass INT8 (INT8_RESIDUAL=1), a bf16 model run on the
+CPU, and, with `--llama-python` (a Python with llama-cpp-python), llama.cpp itself on the Q4_1 GGUF that the
+weights were dequantized from, fed the same token ids.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import math
-from dataclasses import dataclass
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-PERPLEXITY_TOPICS = ("assert", "if", "pass", "del", "return")
+TEXT_TOPICS = ("execmodel", "import", "objects", "assignment", "comparisons")
 """pydoc_data topics of the fixed text; the calibration text uses for, while, class, function and try."""
 
-PERPLEXITY_TOKENS = 512
+CONTEXT = 512
+"""Tokens per chunk: the context llama.cpp's perplexity figures are usually quoted at (`-c 512`)."""
 
-CHAT_PROMPTS = (
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain recursion to a child.",
-    "Give me three tips for learning to cook.",
-)
-RAW_PROMPTS = (
-    "The history of the Roman Empire",
-    "def fibonacci(n):\n",
-    "Once upon a time, in a small village",
-    "The best way to learn a new language is",
-)
+CHUNKS = 16
+"""Chunks scored by default: 8,192 tokens of text, 16 x 255 = 4,080 scored positions."""
+
+PathLogits = Callable[[list[int]], torch.Tensor]
+"""A decoder path: a chunk's token ids in, its next-token logits `[len(chunk), vocab]` out."""
 
 
-def perplexity_ids(tokenizer) -> list[int]:
-    """The first 512 tokens of the fixed text."""
+def text_chunks(tokenizer, chunks: int = CHUNKS, context: int = CONTEXT) -> list[list[int]]:
+    """The fixed text's first `chunks` chunks of `context` token ids."""
     import pydoc_data.topics
 
-    text = "\n".join(pydoc_data.topics.topics[name] for name in PERPLEXITY_TOPICS)
-    ids = tokenizer.encode(text)[:PERPLEXITY_TOKENS]
-    assert len(ids) == PERPLEXITY_TOKENS, "the fixed text is shorter than expected"
-    return ids
-
-
-def prompts(tokenizer) -> list[tuple[str, list[int]]]:
-    """(label, token ids) of the chat-templated prompts, then the raw ones."""
-    chat = [(f"chat: {text}", tokenizer.encode_chat([{"role": "user", "content": text}])) for text in CHAT_PROMPTS]
-    raw = [(f"raw: {text!r}", tokenizer.encode(text)) for text in RAW_PROMPTS]
-    return chat + raw
+    ids = tokenizer.encode("\n".join(pydoc_data.topics.topics[name] for name in TEXT_TOPICS))
+    if len(ids) < chunks * context:
+        raise ValueError(f"the fixed text has {len(ids)} tokens, fewer than {chunks} chunks of {context}")
+    return [ids[index * context:(index + 1) * context] for index in range(chunks)]
 
 
 def position_logits(decoder, ids: list[int]) -> torch.Tensor:
@@ -59,137 +54,226 @@ def position_logits(decoder, ids: list[int]) -> torch.Tensor:
     return decoder.model(torch.tensor([ids]), decoder.cache, slice(0, 1), [0], last_only=False)[0]
 
 
-def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
-    """exp(mean negative log-likelihood) of ids[1:] under the logits of the positions before them."""
-    return math.exp(F.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:])).item())
-
-
-def top1_agreement(logits: torch.Tensor, reference: torch.Tensor) -> float:
-    """Share of positions where both pick the same most likely next token."""
-    return (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
-
-
-def confident_agreement(logits: torch.Tensor, reference: torch.Tensor, threshold: float = 0.5) -> float:
-    """Top-1 agreement at the positions where the reference gives its top token at least `threshold`."""
-    confident = reference.float().softmax(-1).amax(-1) >= threshold
-    return (logits.argmax(-1) == reference.argmax(-1))[confident].float().mean().item()
-
-
-def teacher_forced_logits(decoder, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
-    """Logits `[len(output_ids), vocab]` that predicted each output token, given the tokens before it."""
-    ids = prompt_ids + output_ids
-    return position_logits(decoder, ids[:-1])[len(prompt_ids) - 1:]
-
-
-def agreement_length(output: list[int], reference: list[int]) -> int:
-    """How many leading tokens the two outputs share (the index of the first divergence)."""
-    for index, (a, b) in enumerate(zip(output, reference)):
-        if a != b:
-            return index
-    return min(len(output), len(reference))
-
-
-def greedy_outputs(decoder, tokenizer, prompt_ids: list[list[int]], tokens: int) -> list[list[int]]:
-    """Greedy output ids (up to EOS or `tokens`) of every prompt, decoded as one batch."""
-    from shared.sampling import SamplingParams
-    from workers.engine.engine import Engine
-    from workers.engine.sequence import Sequence
-
-    engine = Engine(decoder, tokenizer.backend, tokenizer.eos_token_ids)
-    params = SamplingParams(max_tokens=tokens, temperature=0.0)
-    sequences = [Sequence(str(i), ids, params, tokenizer.backend) for i, ids in enumerate(prompt_ids)]
-    return [s.output_ids for s in engine.run(sequences)]
+def scored_positions(length: int) -> slice:
+    """The positions of a chunk that are scored: its second half, up to the one that predicts its last token."""
+    return slice(length // 2, length - 1)
 
 
 @dataclass
-class Quality:
-    """Everything one run measures."""
+class Fidelity:
+    """One path's per-position figures against the reference, gathered chunk by chunk."""
 
-    ppl_fp32: float
-    ppl_int8: float
-    top1: float
-    top1_confident: float
-    forced_tokens: int
-    forced: float
-    forced_confident: float
-    labels: list[str]
-    agreed: list[int]
-    fp32_lengths: list[int]
+    kl: list[torch.Tensor] = field(default_factory=list)
+    same_top: list[torch.Tensor] = field(default_factory=list)
+    nll: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, reference: torch.Tensor, logits: torch.Tensor, chunk: list[int]) -> None:
+        """Score one chunk; `reference` and `logits` are both `[len(chunk), vocab]`."""
+        rows = scored_positions(len(chunk))
+        # float64: the two-pass INT8 path's KL is small enough for float32 rounding to matter.
+        p, q = reference[rows].double().log_softmax(-1), logits[rows].double().log_softmax(-1)
+        targets = torch.tensor(chunk[rows.start + 1:rows.stop + 1])
+        self.kl.append((p.exp() * (p - q)).sum(-1))
+        self.same_top.append(p.argmax(-1) == q.argmax(-1))
+        self.nll.append(-q.gather(-1, targets[:, None])[:, 0])
+
+    @property
+    def positions(self) -> int:
+        return sum(len(kl) for kl in self.kl)
+
+    @property
+    def mean_kl(self) -> float:
+        return torch.cat(self.kl).mean().item()
+
+    @property
+    def mean_kl_error(self) -> float:
+        """The standard error of `mean_kl`."""
+        kl = torch.cat(self.kl)
+        return (kl.std() / math.sqrt(len(kl))).item() if len(kl) > 1 else 0.0
+
+    def kl_percentile(self, q: float) -> float:
+        """The q-th percentile (0..100) of the per-position KL, by nearest rank."""
+        from bench.common import percentile
+
+        return percentile(torch.cat(self.kl).tolist(), q)
+
+    @property
+    def same_top_share(self) -> float:
+        return torch.cat(self.same_top).double().mean().item()
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(torch.cat(self.nll).mean().item())
 
 
-def measure(fp32, int8, tokenizer, tokens: int) -> Quality:
-    """Perplexities and agreement of the two decoders on the fixed text and the prompts."""
-    text_ids = perplexity_ids(tokenizer)
-    reference, quantized = position_logits(fp32, text_ids), position_logits(int8, text_ids)
-    labelled = prompts(tokenizer)
-    fp32_out = greedy_outputs(fp32, tokenizer, [ids for _, ids in labelled], tokens)
-    int8_out = greedy_outputs(int8, tokenizer, [ids for _, ids in labelled], tokens)
-    # Along the fp32 greedy outputs, INT8 predicting each next token from the same context.
-    forced_int8 = torch.cat([teacher_forced_logits(int8, ids, out) for (_, ids), out in zip(labelled, fp32_out)])
-    forced_fp32 = torch.cat([teacher_forced_logits(fp32, ids, out) for (_, ids), out in zip(labelled, fp32_out)])
-    return Quality(
-        ppl_fp32=perplexity(reference, text_ids), ppl_int8=perplexity(quantized, text_ids),
-        top1=top1_agreement(quantized, reference), top1_confident=confident_agreement(quantized, reference),
-        forced_tokens=len(forced_fp32), forced=top1_agreement(forced_int8, forced_fp32),
-        forced_confident=confident_agreement(forced_int8, forced_fp32),
-        labels=[label for label, _ in labelled], agreed=[agreement_length(q, r) for q, r in zip(int8_out, fp32_out)],
-        fp32_lengths=[len(r) for r in fp32_out],
-    )
+REFERENCE = "fp32 path (the reference)"
+LLAMA_CPP = "llama.cpp on the Q4_1 GGUF"
 
 
-def report(q: Quality, tokens: int) -> str:
-    """The results as Markdown: a summary list, then the per-prompt table."""
-    at_least_16 = sum(a >= min(16, n) for a, n in zip(q.agreed, q.fp32_lengths))
-    change = 100 * (q.ppl_int8 / q.ppl_fp32 - 1)
-    summary = [
-        (f"Perplexity on the fixed text ({PERPLEXITY_TOKENS} tokens of pydoc topics "
-         f"{', '.join(PERPLEXITY_TOPICS)}): fp32 {q.ppl_fp32:.3f}, INT8 {q.ppl_int8:.3f} ({change:+.1f}%)"),
-        (f"Top-1 next-token agreement over those positions: {100 * q.top1:.1f}% "
-         f"({100 * q.top1_confident:.1f}% where fp32's top token has p >= 0.5)"),
-        (f"Along the fp32 greedy outputs of the prompts ({q.forced_tokens} tokens, same context for both): "
-         f"INT8 picks fp32's token at {100 * q.forced:.1f}% of steps "
-         f"({100 * q.forced_confident:.1f}% where fp32's p >= 0.5)"),
-        (f"Greedy outputs agreeing for at least 16 tokens (or to a shared EOS): {at_least_16} of "
-         f"{len(q.agreed)}; mean agreeing prefix {sum(q.agreed) / len(q.agreed):.1f} of {tokens} tokens"),
-    ]
-    rows = ["| prompt | tokens agreeing before the first divergence | fp32 output length |", "|---|---|---|"]
-    rows += [f"| {label.replace('|', '/')} | {a} | {n} |" for label, a, n in zip(q.labels, q.agreed, q.fp32_lengths)]
-    return "\n".join(f"- {line}" for line in summary) + "\n\n" + "\n".join(rows)
+def measure(reference: PathLogits, paths: dict[str, PathLogits], chunks: list[list[int]]) -> dict[str, Fidelity]:
+    """Every path (and the reference itself) scored against `reference`, holding one chunk's logits at a time."""
+    results = {label: Fidelity() for label in (REFERENCE, *paths)}
+    for index, chunk in enumerate(chunks, 1):
+        expected = reference(chunk)
+        results[REFERENCE].add(expected, expected, chunk)
+        for label, path in paths.items():
+            results[label].add(expected, path(chunk), chunk)
+        print(f"chunk {index} of {len(chunks)}: " + ", ".join(
+            f"{label.split(' (')[0]} {fidelity.mean_kl:.6f}" for label, fidelity in results.items()), flush=True)
+    return results
+
+
+LLAMA_SCRIPT = """
+import json, sys
+import numpy as np
+from llama_cpp import Llama
+args = json.load(sys.stdin)
+llm = Llama(model_path=args["gguf"], n_ctx=args["context"], n_batch=args["context"], n_ubatch=args["context"],
+            n_threads=args["threads"], logits_all=True, verbose=False)
+first = args["chunks"][0]
+print(json.dumps({"vocab": llm.n_vocab(), "add_bos": llm.metadata.get("tokenizer.ggml.add_bos_token"),
+                  "text": llm.detokenize(first).decode("utf-8", "replace")}), flush=True)
+for ids in args["chunks"]:
+    llm.reset()
+    llm.eval(ids)
+    sys.stdout.buffer.write(np.ascontiguousarray(llm.scores[:len(ids)], dtype=np.float32).tobytes())
+    sys.stdout.buffer.flush()
+"""
+
+
+@contextlib.contextmanager
+def llama_cpp_path(python: str, gguf: str, chunks: list[list[int]], threads: int) -> Iterator[tuple[PathLogits, dict]]:
+    """(path, what llama.cpp says of the model): llama.cpp's logits for `chunks`, asked for in their order.
+
+    llama-cpp-python runs in its own interpreter, evaluating every chunk from an empty cache with exactly
+    our ids (no BOS added) and streaming each chunk's float32 logits back through a pipe as it goes.
+    """
+    process = subprocess.Popen([python, "-c", LLAMA_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        request = {"gguf": gguf, "chunks": chunks, "context": max(map(len, chunks)), "threads": threads}
+        process.stdin.write(json.dumps(request).encode())
+        process.stdin.close()
+        model = json.loads(process.stdout.readline() or "null")
+        if model is None:
+            raise RuntimeError(f"llama-cpp-python failed to load the model (exit status {process.wait()})")
+        remaining = iter(chunks)
+
+        def logits(chunk: list[int]) -> torch.Tensor:
+            assert chunk == next(remaining), "llama.cpp's chunks are read in the order they were sent"
+            size = len(chunk) * model["vocab"] * 4
+            data = process.stdout.read(size)
+            if len(data) < size:
+                raise RuntimeError(f"llama-cpp-python stopped (exit status {process.wait()})")
+            return torch.frombuffer(bytearray(data), dtype=torch.float32).view(len(chunk), model["vocab"])
+
+        yield logits, model
+    finally:
+        process.kill()
+        process.wait()
+
+
+def report(results: dict[str, Fidelity]) -> str:
+    """The results as a Markdown table, one row per path, then each mean KL as a multiple of llama.cpp's."""
+    baseline = results[REFERENCE].perplexity
+    rows = ["| path | mean KL from fp32 (nats) | 99th percentile KL | same top token as fp32 | perplexity |",
+            "|---|---|---|---|---|"]
+    for label, f in results.items():
+        change = f"{100 * (f.perplexity / baseline - 1):+.2f}%"
+        rows.append(f"| {label} | {f.mean_kl:.3g} ± {f.mean_kl_error:.2g} | {f.kl_percentile(99):.3g} | "
+                    f"{100 * f.same_top_share:.2f}% | {f.perplexity:.3f} ({change}) |")
+    if LLAMA_CPP in results:
+        anchor, others = results[LLAMA_CPP].mean_kl, [label for label in results if label not in (REFERENCE, LLAMA_CPP)]
+        rows.append("\nMean KL as a multiple of llama.cpp's: "
+                    + "; ".join(f"{label}: {results[label].mean_kl / anchor:.3g}x" for label in others))
+    return "\n".join(rows)
+
+
+def method(chunks: list[list[int]], llama: dict | None) -> str:
+    """What was measured and how, for BENCHMARKS.md."""
+    from workers.engine.int8.gemm import ACTIVATION_LEVELS
+
+    scored = sum(len(range(len(c))[scored_positions(len(c))]) for c in chunks)
+    text = (f"{len(chunks)} chunks of {CONTEXT} tokens ({len(chunks) * CONTEXT} tokens of the pydoc topics "
+            f"{', '.join(TEXT_TOPICS)}), each evaluated in one pass from an empty cache; as llama.cpp's perplexity "
+            f"tool does, only each chunk's second half is scored: {scored} positions. KL is KL(fp32 || path) of "
+            "the next-token distributions, in nats, its mean given with its standard error. fp32 = "
+            '`CUDADecoder(device="cpu")` on the weights dequantized from the Q4_1 GGUF; INT8 = `INT8Decoder` '
+            f"(SmoothQuant alpha 0.5, per-channel INT8 weights, per-row "
+            f"{'8' if ACTIVATION_LEVELS == 127 else '7'}-bit activation codes); bf16 = the same fp32-path code "
+            "with weights, activations and KV cache in bf16, on the CPU (the GPU pool's dtype; CUDA's kernels "
+            "round differently).")
+    if llama:
+        text += (" llama.cpp = llama-cpp-python with `logits_all`, on the Q4_1 GGUF itself (the same weights as "
+                 "the fp32 reference, before dequantization; it multiplies them with 8-bit activations), fed "
+                 f"exactly our token ids, no BOS added (the GGUF's add_bos_token: {llama['add_bos']}); its "
+                 f"vocabulary ({llama['vocab']}) and its text of the first chunk match ours.")
+    return text
+
+
+def cpu_bf16(settings):
+    """The fp32 path's code with weights, activations and KV cache in bf16, on the CPU."""
+    from workers.gpu.decoder import CUDADecoder
+
+    decoder = CUDADecoder(device="cpu", max_batch_size=1, max_seq_len=CONTEXT)
+    decoder.dtype = torch.bfloat16  # CUDADecoder picks fp32 on the CPU; this asks for the GPU pool's dtype
+    return decoder.load_weights(settings.model_path)
+
+
+def our_paths(settings) -> dict[str, PathLogits]:
+    """This project's paths other than the reference: both INT8 forms as CPU workers load them, and bf16."""
+    from workers.cpu.decoder import INT8Decoder
+
+    decoders = {f"INT8, {'two passes (INT8_RESIDUAL=1)' if residual else 'one pass (the default)'}":
+                INT8Decoder.from_settings(settings, residual=residual, max_batch_size=1, max_seq_len=CONTEXT,
+                                          compile_decode=False)  # prefill only: the decode step is not used
+                for residual in (False, True)}
+    decoders["bf16 model, on the CPU"] = cpu_bf16(settings)
+    return {label: lambda ids, d=decoder: position_logits(d, ids) for label, decoder in decoders.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=32, help="greedy tokens per prompt (default 32)")
-    parser.add_argument("--write", action="store_true", help="write the results into BENCHMARKS.md")
+    parser.add_argument("--llama-python", help="a Python with llama-cpp-python, to add llama.cpp's own logits")
+    parser.add_argument("--chunks", type=int, default=CHUNKS, help=f"chunks of {CONTEXT} tokens (default {CHUNKS})")
+    parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = parser.parse_args()
 
     from bench.common import machine, write_section
+    from bench.service import gguf_model
     from shared.model_files import force_offline
     from shared.settings import Settings
     from shared.tokenizer import load_tokenizer
-    from workers.cpu.decoder import INT8Decoder
     from workers.gpu.decoder import CUDADecoder
 
     force_offline()
     settings = Settings.from_env()
     tokenizer = load_tokenizer(settings.model_dir)
-    slots, length = len(CHAT_PROMPTS) + len(RAW_PROMPTS), PERPLEXITY_TOKENS + args.tokens
-    fp32 = CUDADecoder(device="cpu", max_batch_size=slots, max_seq_len=length).load_weights(settings.model_path)
-    int8 = INT8Decoder.from_settings(settings, max_batch_size=slots, max_seq_len=length)
-    text = report(measure(fp32, int8, tokenizer, args.tokens), args.tokens)
-    print(text)
+    chunks = text_chunks(tokenizer, args.chunks)
+    fp32 = CUDADecoder(device="cpu", max_batch_size=1, max_seq_len=CONTEXT).load_weights(settings.model_path)
+    paths = our_paths(settings)
+    with contextlib.ExitStack() as stack:
+        llama = None
+        if args.llama_python:
+            path, llama = stack.enter_context(
+                llama_cpp_path(args.llama_python, str(gguf_model()), chunks, torch.get_num_threads()))
+            check_llama_cpp(llama, tokenizer, chunks[0], fp32.config.vocab_size)
+            paths[LLAMA_CPP] = path
+        results = measure(lambda ids: position_logits(fp32, ids), paths, chunks)
+    table = report(results)
+    print(table)
     if args.write:
-        from workers.engine.int8.gemm import ACTIVATION_LEVELS
+        command = ("python -m bench.int8_quality" + (" --llama-python PATH" if llama else "")
+                   + (f" --chunks {args.chunks}" if args.chunks != CHUNKS else ""))
+        write_section("INT8 fidelity (KL divergence from the fp32 path)",
+                      f"Machine: {machine()}. One run of `{command}`: {method(chunks, llama)}\n\n{table}")
 
-        codes = "8-bit" if ACTIVATION_LEVELS == 127 else "7-bit"
-        form = ("two passes: the weights' and activations' rounding residuals too"
-                if settings.int8_residual else "one pass")
-        write_section("INT8 quality (vs the fp32 path)" + (", INT8_RESIDUAL=1" if settings.int8_residual else ""),
-                      f"Machine: {machine()}. One run of `python -m bench.int8_quality --tokens {args.tokens}`; "
-                      f"INT8 = `INT8Decoder` (SmoothQuant alpha 0.5, per-channel INT8 weights, per-row {codes} "
-                      f"activation codes, {form}), fp32 = `CUDADecoder(device=\"cpu\")`, both greedy. "
-                      "The greedy outputs part where fp32 itself hesitates (its top token at p < 0.5): "
-                      "compare the agreement rates below with and without that condition.\n\n" + text)
+
+def check_llama_cpp(llama: dict, tokenizer, chunk: list[int], vocab: int) -> None:
+    """Fail unless llama.cpp reads our ids as our tokenizer does: same vocabulary size, same text."""
+    if llama["vocab"] != vocab:
+        raise RuntimeError(f"llama.cpp's vocabulary has {llama['vocab']} tokens, ours {vocab}")
+    if llama["text"] != tokenizer.decode(chunk, skip_special_tokens=False):
+        raise RuntimeError("llama.cpp decodes our token ids to a different text")
 
 
 if __name__ == "__main__":
