@@ -131,27 +131,42 @@ def parse_worker(row: list, fallback: dict[Lane, int] | None) -> PoolWorker | No
     return PoolWorker({lane: int(n) for lane, n in advertised.items()}, starting=state == STARTING)
 
 
-def record_finished(pipe: Pipeline, queue: str, job_id: str) -> None:
-    """Log (on `pipe`) that a job of `queue` has ended now, dropping entries older than the window."""
+MIN_RATE_SPAN_S = 1.0
+"""The shortest span a rate is measured over (jobs that ran for no time at all cannot make it infinite)."""
+
+
+def record_finished(pipe: Pipeline, queue: str, job_id: str, ran_s: float) -> None:
+    """Log (on `pipe`) that a job of `queue` has ended now after running `ran_s` seconds, dropping entries older
+    than the window. The member carries the job's start, so a reader knows how long the window's jobs ran."""
     key, clock = finished_key(queue), time.time()
-    pipe.zadd(key, {job_id: clock})
+    pipe.zadd(key, {f"{clock - ran_s:.3f}:{job_id}": clock})
     pipe.zremrangebyscore(key, "-inf", clock - FINISHED_WINDOW_S)
     pipe.expire(key, 2 * FINISHED_WINDOW_S)
 
 
 def count_finished(pipe: Pipeline, queue: str) -> None:
-    """Queue (on `pipe`) the count of `queue`'s jobs ended within the window; `finish_rate` turns it into a rate."""
+    """Queue (on `pipe`) the count of `queue`'s jobs ended within the window and its oldest entry, which
+    `finish_rate` turns into a rate."""
     clock = time.time()
     pipe.zcount(finished_key(queue), clock - FINISHED_WINDOW_S, clock)
+    pipe.zrangebyscore(finished_key(queue), clock - FINISHED_WINDOW_S, clock, start=0, num=1)
 
 
-def finish_rate(ended: int) -> float | None:
-    """Jobs ended per second over the last FINISHED_WINDOW_S, from `count_finished`'s count; None when none ended.
+def finish_rate(results: list) -> float | None:
+    """Jobs ended per second, from `count_finished`'s two results; None when none ended in the window.
 
-    Over the whole window, not since the oldest entry: jobs that started together end together, and a wave
-    of 32 ending within a second is not a rate of 32 jobs per second.
+    The count is divided by the time since the window's oldest ended job *started* (at most the window):
+    jobs that start together end together, so a wave of 32 ending within a second after running 17 s is 32
+    jobs in 17 s, not 32 a second; and the first minute after a start or a quiet spell is not diluted by a
+    window that held no work.
     """
-    return ended / FINISHED_WINDOW_S if ended else None
+    ended, oldest = results
+    if not ended:
+        return None
+    member = oldest[0].decode() if isinstance(oldest[0], bytes) else oldest[0]
+    started = float(member.split(":", 1)[0])
+    span = min(float(FINISHED_WINDOW_S), max(time.time() - started, MIN_RATE_SPAN_S))
+    return ended / span
 
 
 ARRIVALS_WINDOW_S = 5

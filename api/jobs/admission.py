@@ -15,6 +15,7 @@ so concurrent API processes and threads never admit more than the bound between 
 from __future__ import annotations
 
 import math
+import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +50,9 @@ UNKNOWN_RATE_RETRY_S = 5
 
 MAX_RETRY_AFTER_S = 60
 """The longest Retry-After sent: estimates further out are guesses."""
+
+RETRY_JITTER = 0.5
+"""Each Retry-After is scattered over this share of itself either way (`spread`)."""
 
 ENQUEUE_LOCK = threading.Lock()
 """One admission transaction at a time in this process. Concurrent WATCHes of one lane fail all but one, so a
@@ -96,12 +100,12 @@ def lane_bound(connection: redis.Redis, pool: str, lane: Lane, settings: Setting
 
     fallback = lane_slots(settings.max_batch_size, settings.batch_lane_slots)
     pools, results = read_pools(connection, [pool], fallback, reads)
-    ended, queued, running, batch_running = results[:4]
+    queued, running, batch_running = results[2:5]
     workers = [worker.slots for worker in pools[pool]]
     capacity = sum(slots.get(lane.value, 0) for slots in workers)
     if lane is Lane.INTERACTIVE:  # running batch items hold some of the same slots
         capacity -= min(sum(slots.get(Lane.BATCH.value, 0) for slots in workers), batch_running)
-    rate = finish_rate(ended)
+    rate = finish_rate(results[:2])
     if lane is Lane.BATCH:
         allowance = settings.max_queued_batch
     elif settings.max_queued:
@@ -112,7 +116,7 @@ def lane_bound(connection: redis.Redis, pool: str, lane: Lane, settings: Setting
         allowance = max(1, capacity // FIRST_ALLOWANCE_SHARE)
     capacity = max(capacity, 0)
     return LaneBound(queue, len(workers), capacity, capacity + allowance, queued + running, rate,
-                     arrival_rate(results[4:]))
+                     arrival_rate(results[5:]))
 
 
 def started_key(connection: redis.Redis, queue: str) -> str:
@@ -157,4 +161,11 @@ def refusal(limit: LaneBound, pool: str, lane: Lane, held: int, asked: int) -> O
     return OverloadedError(
         f"the '{pool}' pool is busy: its {lane.value} work is at its bound ({limit.capacity} running at once, "
         f"{waiting} waiting, room for {max(limit.bound - held, 0)} more {what}; {asked} asked); "
-        f"retry after the Retry-After header's seconds", retry_after_s=limit.retry_after_s(held + asked - limit.bound))
+        f"retry after the Retry-After header's seconds",
+        retry_after_s=spread(limit.retry_after_s(held + asked - limit.bound)))
+
+
+def spread(seconds: int) -> int:
+    """`seconds` scattered over +-RETRY_JITTER of itself: a crowd refused together must not come back together
+    (it would find the lane full again, and leave it idle afterwards)."""
+    return max(1, round(seconds * random.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER)))
