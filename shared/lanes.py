@@ -131,67 +131,27 @@ def parse_worker(row: list, fallback: dict[Lane, int] | None) -> PoolWorker | No
     return PoolWorker({lane: int(n) for lane, n in advertised.items()}, starting=state == STARTING)
 
 
-MIN_RATE_SPAN_S = 1.0
-"""The shortest span a rate is measured over (jobs that ran for no time at all cannot make it infinite)."""
-
-
-def record_finished(pipe: Pipeline, queue: str, job_id: str, ran_s: float) -> None:
-    """Log (on `pipe`) that a job of `queue` has ended now after running `ran_s` seconds, dropping entries older
-    than the window. The member carries the job's start, so a reader knows how long the window's jobs ran."""
+def record_finished(pipe: Pipeline, queue: str, job_id: str) -> None:
+    """Log (on `pipe`) that a job of `queue` has ended now, dropping entries older than the window."""
     key, clock = finished_key(queue), time.time()
-    pipe.zadd(key, {f"{clock - ran_s:.3f}:{job_id}": clock})
+    pipe.zadd(key, {job_id: clock})
     pipe.zremrangebyscore(key, "-inf", clock - FINISHED_WINDOW_S)
     pipe.expire(key, 2 * FINISHED_WINDOW_S)
 
 
 def count_finished(pipe: Pipeline, queue: str) -> None:
-    """Queue (on `pipe`) the count of `queue`'s jobs ended within the window and its oldest entry, which
-    `finish_rate` turns into a rate."""
+    """Queue (on `pipe`) the count of `queue`'s jobs ended within the window; `finish_rate` turns it into a rate."""
     clock = time.time()
     pipe.zcount(finished_key(queue), clock - FINISHED_WINDOW_S, clock)
-    pipe.zrangebyscore(finished_key(queue), clock - FINISHED_WINDOW_S, clock, start=0, num=1)
 
 
-def finish_rate(results: list) -> float | None:
-    """Jobs ended per second, from `count_finished`'s two results; None when none ended in the window.
+def finish_rate(ended: int) -> float | None:
+    """Jobs ended per second over the last FINISHED_WINDOW_S, from `count_finished`'s count; None when none ended.
 
-    The count is divided by the time since the window's oldest ended job *started* (at most the window):
-    jobs that start together end together, so a wave of 32 ending within a second after running 17 s is 32
-    jobs in 17 s, not 32 a second; and the first minute after a start or a quiet spell is not diluted by a
-    window that held no work.
+    Over the whole window, not since the oldest entry: jobs that started together end together, and a wave
+    of 32 ending within a second is not a rate of 32 jobs per second.
     """
-    ended, oldest = results
-    if not ended:
-        return None
-    member = oldest[0].decode() if isinstance(oldest[0], bytes) else oldest[0]
-    started = float(member.split(":", 1)[0])
-    span = min(float(FINISHED_WINDOW_S), max(time.time() - started, MIN_RATE_SPAN_S))
-    return ended / span
-
-
-ARRIVALS_WINDOW_S = 5
-"""How far back the count of requests arriving at a lane reaches (the demand a refused client competes with)."""
-
-
-def count_arrival(pipe: Pipeline, queue: str) -> None:
-    """Count (on `pipe`) a request arriving at `queue` now, and queue the read of the counts of the last
-    ARRIVALS_WINDOW_S whole seconds, which `arrival_rate` turns into a rate."""
-    second = int(time.time())
-    key = arrivals_key(queue, second)
-    pipe.incr(key)
-    pipe.expire(key, ARRIVALS_WINDOW_S + 2)
-    pipe.mget([arrivals_key(queue, earlier) for earlier in range(second - ARRIVALS_WINDOW_S, second)])
-
-
-def arrival_rate(results: list) -> float:
-    """Requests per second that arrived at the lane over the window, from `count_arrival`'s three results."""
-    _count, _expire, counts = results
-    return sum(int(count) for count in counts if count) / ARRIVALS_WINDOW_S
-
-
-def arrivals_key(queue: str, second: int) -> str:
-    """Counter of the requests that arrived at `queue` during one second (epoch time)."""
-    return f"llm:arrivals:{queue}:{second}"
+    return ended / FINISHED_WINDOW_S if ended else None
 
 
 def finished_key(queue: str) -> str:

@@ -12,7 +12,7 @@ from rq import Queue
 from api import create_app
 from api.jobs.admission import UNKNOWN_RATE_RETRY_S, lane_bound
 from shared.exceptions import OverloadedError
-from shared.lanes import ARRIVALS_WINDOW_S, LANE_SLOTS_FIELD, Lane, arrivals_key, finished_key, queue_name
+from shared.lanes import LANE_SLOTS_FIELD, Lane, finished_key, queue_name
 from shared.settings import Settings
 from tests.fixtures_jobs import queued_jobs
 
@@ -30,10 +30,10 @@ def advertise(redis_client, worker, **slots) -> None:
     redis_client.hset(worker.key, LANE_SLOTS_FIELD, json.dumps(slots))
 
 
-def end_jobs(redis_client, ends: list[float], ran_s: float, queue: str = "cpu") -> None:
-    """Log jobs of `queue` as a worker does when they end, at the given times after running `ran_s` each."""
+def end_jobs(redis_client, ends: list[float], queue: str = "cpu") -> None:
+    """Log jobs of `queue` as a worker does when they end, at the given times."""
     for index, end in enumerate(ends):
-        redis_client.zadd(finished_key(queue), {f"{end - ran_s:.3f}:job{index}-{end}": end})
+        redis_client.zadd(finished_key(queue), {f"job{index}-{end}": end})
 
 
 def open_streams(client, count: int, path: str = "/stream", body: dict = BODY) -> list:
@@ -53,7 +53,7 @@ def test_past_its_bound_a_lane_answers_429_at_once_in_json_with_retry_after(busy
     assert refused.json["error"]["type"] == "overloaded"
     assert "'cpu' pool is busy" in refused.json["error"]["message"]
     # Nothing has ended yet, so there is no rate: UNKNOWN_RATE_RETRY_S, scattered by up to half either way.
-    assert UNKNOWN_RATE_RETRY_S / 2 <= int(refused.headers["Retry-After"]) <= UNKNOWN_RATE_RETRY_S * 3 / 2
+    assert UNKNOWN_RATE_RETRY_S // 2 <= int(refused.headers["Retry-After"]) <= UNKNOWN_RATE_RETRY_S * 3 // 2 + 1
     assert queued_jobs(redis_client) == 3  # the refused request left nothing behind
     assert elapsed < 0.5
 
@@ -99,8 +99,8 @@ def test_the_bound_comes_from_live_workers_slots_and_the_lanes_recent_rate(redis
     cold = lane_bound(redis_client, "cpu", Lane.INTERACTIVE, settings)
     assert (cold.capacity, cold.bound, cold.rate) == (32, 33, None)  # before any job ended: one per 32 slots
     clock = time.time()
-    end_jobs(redis_client, [clock - 59.75 + i / 2 for i in range(120)], ran_s=1)  # 2 jobs/s
-    end_jobs(redis_client, [clock - 120], ran_s=1)  # outside the window
+    end_jobs(redis_client, [clock - 59.75 + i / 2 for i in range(120)])  # 2 jobs/s
+    end_jobs(redis_client, [clock - 120])  # outside the window
     warm = lane_bound(redis_client, "cpu", Lane.INTERACTIVE, settings)
     assert warm.rate == pytest.approx(2.0)
     assert warm.bound == 32 + 4  # what 2 jobs/s start within MAX_QUEUE_WAIT_S (2 s)
@@ -108,38 +108,13 @@ def test_the_bound_comes_from_live_workers_slots_and_the_lanes_recent_rate(redis
     assert lane_bound(redis_client, "cpu", Lane.BATCH, settings).bound == 24 + settings.max_queued_batch
 
 
-def test_a_crowd_is_told_to_come_back_later_than_a_lone_client(busy_app, redis_client, live_worker):
-    live_worker("cpu")
-    end_jobs(redis_client, [time.time() - i / 2 for i in range(120)], ran_s=1)  # 2 jobs/s
-    client = busy_app.test_client()
-    _streams = open_streams(client, 3)  # the lane is full (2 slots, 1 waiting), kept open until the test ends
-    alone = int(client.post("/stream", json=BODY).headers["Retry-After"])
-    now = int(time.time())
-    for second in range(now - ARRIVALS_WINDOW_S, now):  # 40 requests a second have been arriving
-        redis_client.set(arrivals_key("cpu", second), 40)
-    crowded = int(client.post("/stream", json=BODY).headers["Retry-After"])
-    assert alone <= 4  # the excess and the few requests of this test, at 2 jobs/s (scattered by up to half)
-    assert 10 <= crowded <= 35  # room for itself and the crowd arriving meanwhile: (1 + 40) / 2, scattered
-    assert queued_jobs(redis_client) == 3
-
-
-def test_a_wave_of_jobs_ending_together_is_measured_over_the_time_they_ran(redis_client, live_worker):
-    live_worker("cpu")
-    end_jobs(redis_client, [time.time() - i / 32 for i in range(32)], ran_s=16)  # 32 jobs ran 16 s, ended in 1 s
-    rate = lane_bound(redis_client, "cpu", Lane.INTERACTIVE, Settings()).rate
-    assert rate == pytest.approx(2.0, rel=0.1)  # 32 jobs in 16 s: neither 32 a second nor 32 a minute
-
-
 def test_a_refused_crowd_is_told_scattered_times(busy_app, redis_client, live_worker):
     live_worker("cpu")
-    end_jobs(redis_client, [time.time() - i / 2 for i in range(120)], ran_s=1)  # 2 jobs/s
-    now = int(time.time())
-    for second in range(now - ARRIVALS_WINDOW_S, now):
-        redis_client.set(arrivals_key("cpu", second), 40)
+    end_jobs(redis_client, [time.time() - 5 * i for i in range(12)])  # 0.2 jobs/s: room in 5 s
     client = busy_app.test_client()
     _streams = open_streams(client, 3)
     told = [int(client.post("/stream", json=BODY).headers["Retry-After"]) for _ in range(20)]
-    assert len(set(told)) > 3 and all(10 <= seconds <= 35 for seconds in told)
+    assert len(set(told)) > 2 and all(2 <= seconds <= 8 for seconds in told)  # 5 s, scattered by half
 
 
 def test_a_starting_workers_slots_count_for_the_bound(busy_app, redis_client, starting_worker):

@@ -536,5 +536,5 @@ class BatchingWorker(SimpleWorker):
     def log_ended(self, entry: RunningJob) -> None:
         """Count the job in its lane's recent throughput, from which the API tells refused clients when to retry."""
         with self.connection.pipeline() as pipe:
-            record_finished(pipe, entry.queue.name, entry.job.id, time.monotonic() - entry.started)
+            record_finished(pipe, entry.queue.name, entry.job.id)
             pipe.execute()

@@ -5,8 +5,8 @@ pool's live workers run at once in that lane (their advertised slots, shared/lan
 waiting jobs: MAX_QUEUED when set, otherwise what the lane's recent rate of ending jobs starts within
 MAX_QUEUE_WAIT_S (one per 32 slots until the lane has a rate), so an admitted request starts within
 about that long. The batch lane's allowance is MAX_QUEUED_BATCH: batches are meant to
-wait. A refused request gets `Retry-After`: how long the lane's recent rate takes to make room for it and for
-the requests arriving meanwhile (LaneBound.retry_after_s).
+wait. A refused request gets `Retry-After`: how long the lane's recent rate takes to make room for it, scattered
+so that a crowd refused together does not come back together (`spread`).
 
 The check and the enqueue are one optimistic transaction (WATCH on the lane's queue and started registry),
 so concurrent API processes and threads never admit more than the bound between them.
@@ -31,8 +31,6 @@ from rq.serializers import JSONSerializer
 from shared.exceptions import NoWorkerError, OverloadedError
 from shared.lanes import (
     Lane,
-    arrival_rate,
-    count_arrival,
     count_finished,
     finish_rate,
     lane_slots,
@@ -70,20 +68,12 @@ class LaneBound:
     bound: int  # capacity plus the jobs allowed to wait
     held: int  # jobs queued or running in the lane
     rate: float | None  # jobs ended per second over the last minute (None: none ended)
-    demand: float = 0.0  # requests arriving at the lane per second, admitted or not, over the last seconds
 
     def retry_after_s(self, excess: int) -> int:
-        """Seconds until the lane has likely made room for `excess` more jobs and for the requests that arrive
-        meanwhile, which compete for the same room.
-
-        A crowd of N clients each told T comes back at N/T a second, so T = (excess + N/T) / rate settles near
-        sqrt(N / rate): a crowd 100 times the throughput retries every ~10 s rather than every second, most of
-        its retries (each one work for the API) are spared, and each client still comes back well before the
-        N / rate a first-come queue would take to reach it.
-        """
+        """Seconds until the lane has likely made room for `excess` more jobs."""
         if not self.rate:
             return UNKNOWN_RATE_RETRY_S
-        return min(MAX_RETRY_AFTER_S, max(1, math.ceil((excess + self.demand) / self.rate)))
+        return min(MAX_RETRY_AFTER_S, max(1, math.ceil(excess / self.rate)))
 
 
 def lane_bound(connection: redis.Redis, pool: str, lane: Lane, settings: Settings) -> LaneBound:
@@ -96,16 +86,14 @@ def lane_bound(connection: redis.Redis, pool: str, lane: Lane, settings: Setting
         pipe.llen(Queue(queue, connection=connection).key)
         pipe.zcard(started_key(connection, queue))
         pipe.zcard(started_key(connection, queue_name(pool, Lane.BATCH)))  # running batch items
-        count_arrival(pipe, queue)
 
     fallback = lane_slots(settings.max_batch_size, settings.batch_lane_slots)
-    pools, results = read_pools(connection, [pool], fallback, reads)
-    queued, running, batch_running = results[2:5]
+    pools, (ended, queued, running, batch_running) = read_pools(connection, [pool], fallback, reads)
     workers = [worker.slots for worker in pools[pool]]
     capacity = sum(slots.get(lane.value, 0) for slots in workers)
     if lane is Lane.INTERACTIVE:  # running batch items hold some of the same slots
         capacity -= min(sum(slots.get(Lane.BATCH.value, 0) for slots in workers), batch_running)
-    rate = finish_rate(results[:2])
+    rate = finish_rate(ended)
     if lane is Lane.BATCH:
         allowance = settings.max_queued_batch
     elif settings.max_queued:
@@ -115,8 +103,7 @@ def lane_bound(connection: redis.Redis, pool: str, lane: Lane, settings: Setting
     else:
         allowance = max(1, capacity // FIRST_ALLOWANCE_SHARE)
     capacity = max(capacity, 0)
-    return LaneBound(queue, len(workers), capacity, capacity + allowance, queued + running, rate,
-                     arrival_rate(results[5:]))
+    return LaneBound(queue, len(workers), capacity, capacity + allowance, queued + running, rate)
 
 
 def started_key(connection: redis.Redis, queue: str) -> str:
@@ -166,6 +153,6 @@ def refusal(limit: LaneBound, pool: str, lane: Lane, held: int, asked: int) -> O
 
 
 def spread(seconds: int) -> int:
-    """`seconds` scattered over +-RETRY_JITTER of itself: a crowd refused together must not come back together
-    (it would find the lane full again, and leave it idle afterwards)."""
-    return max(1, round(seconds * random.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER)))
+    """`seconds` scattered over +-RETRY_JITTER of itself and rounded at random (so 1 s scatters too): a crowd
+    refused together must not come back together, to find the lane full again and leave it idle afterwards."""
+    return max(1, math.floor(seconds * random.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER) + random.random()))
