@@ -19,8 +19,10 @@ EXTENSION_KEY = "llm_api"
 REDIS_CONNECT_TIMEOUT_S = 5.0
 """How long to wait for Redis to accept a connection (or for a free one in the pool) before answering 503."""
 
-REDIS_MAX_CONNECTIONS = 16
-"""Redis connections one API process opens at most for commands (its event hub holds one more, for pub/sub)."""
+REDIS_MAX_CONNECTIONS = 64
+"""Redis connections one API process opens at most for commands (its event hub holds one more, for pub/sub):
+as many as it has threads by default (GUNICORN_THREADS). With 16, a crowd's admission checks queued for a free
+connection behind each other (the most common wait in a profile of the API under `bench.load`)."""
 
 
 def settings_as_config(settings: Settings) -> dict:
