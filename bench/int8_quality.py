@@ -1,6 +1,7 @@
-"""Quality of the INT8 decoder against the fp32 path (CUDADecoder on the CPU), in one run.
+"""Quality of the INT8 decoder (or the GPU decoder in bf16 / fp16) against the fp32 path (CUDADecoder on the
+CPU), in one run.
 
-    python -m bench.int8_quality [--tokens 32] [--write]
+    python -m bench.int8_quality [--tokens 32] [--decoder int8|bfloat16|float16] [--write]
 
 Prints the perplexity of both on a fixed English text (standard-library documentation whose topics the
 SmoothQuant calibration in workers/preparation/smoothing.py does not use), how often their next-token choice
@@ -137,17 +138,17 @@ def measure(fp32, int8, tokenizer, tokens: int) -> Quality:
     )
 
 
-def report(q: Quality, tokens: int) -> str:
-    """The results as Markdown: a summary list, then the per-prompt table."""
+def report(q: Quality, tokens: int, name: str = "INT8") -> str:
+    """The results as Markdown: a summary list, then the per-prompt table; `name` is the measured decoder."""
     at_least_16 = sum(a >= min(16, n) for a, n in zip(q.agreed, q.fp32_lengths))
     change = 100 * (q.ppl_int8 / q.ppl_fp32 - 1)
     summary = [
         (f"Perplexity on the fixed text ({PERPLEXITY_TOKENS} tokens of pydoc topics "
-         f"{', '.join(PERPLEXITY_TOPICS)}): fp32 {q.ppl_fp32:.3f}, INT8 {q.ppl_int8:.3f} ({change:+.1f}%)"),
+         f"{', '.join(PERPLEXITY_TOPICS)}): fp32 {q.ppl_fp32:.3f}, {name} {q.ppl_int8:.3f} ({change:+.1f}%)"),
         (f"Top-1 next-token agreement over those positions: {100 * q.top1:.1f}% "
          f"({100 * q.top1_confident:.1f}% where fp32's top token has p >= 0.5)"),
         (f"Along the fp32 greedy outputs of the prompts ({q.forced_tokens} tokens, same context for both): "
-         f"INT8 picks fp32's token at {100 * q.forced:.1f}% of steps "
+         f"{name} picks fp32's token at {100 * q.forced:.1f}% of steps "
          f"({100 * q.forced_confident:.1f}% where fp32's p >= 0.5)"),
         (f"Greedy outputs agreeing for at least 16 tokens (or to a shared EOS): {at_least_16} of "
          f"{len(q.agreed)}; mean agreeing prefix {sum(q.agreed) / len(q.agreed):.1f} of {tokens} tokens"),
@@ -160,8 +161,12 @@ def report(q: Quality, tokens: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=32, help="greedy tokens per prompt (default 32)")
+    parser.add_argument("--decoder", choices=("int8", "bfloat16", "float16"), default="int8",
+                        help="the decoder measured: the CPU pool's INT8, or the GPU decoder in bf16 / fp16 on the CPU")
     parser.add_argument("--write", action="store_true", help="write the results into BENCHMARKS.md")
     args = parser.parse_args()
+    if args.decoder != "int8":
+        return main_half(args)
 
     from bench.common import machine, write_section
     from shared.model_files import force_offline
@@ -190,6 +195,32 @@ def main() -> None:
                       f"activation codes, {form}), fp32 = `CUDADecoder(device=\"cpu\")`, both greedy. "
                       "The greedy outputs part where fp32 itself hesitates (its top token at p < 0.5): "
                       "compare the agreement rates below with and without that condition.\n\n" + text)
+
+
+def main_half(args) -> None:
+    """The GPU decoder in bf16 or fp16 against itself in fp32, both on the CPU."""
+    from bench.common import machine, write_section
+    from shared.model_files import force_offline
+    from shared.settings import Settings
+    from shared.tokenizer import load_tokenizer
+    from workers.gpu.decoder import CUDADecoder
+
+    force_offline()
+    settings = Settings.from_env()
+    tokenizer = load_tokenizer(settings.model_dir)
+    limits = {"max_batch_size": len(CHAT_PROMPTS) + len(RAW_PROMPTS), "max_seq_len": PERPLEXITY_TOKENS + args.tokens}
+    fp32 = CUDADecoder(device="cpu", **limits).load_weights(settings.model_path)
+    half = CUDADecoder(device="cpu", dtype=args.decoder, **limits).load_weights(settings.model_path)
+    name = {"bfloat16": "bf16", "float16": "fp16"}[args.decoder]
+    text = report(measure(fp32, half, tokenizer, args.tokens), args.tokens, name)
+    print(text)
+    if args.write:
+        write_section(f"{name} quality (vs the fp32 path)",
+                      f"Machine: {machine()}. One run of `python -m bench.int8_quality --decoder {args.decoder} "
+                      f"--tokens {args.tokens}`; {name} = `CUDADecoder(device=\"cpu\", dtype=\"{args.decoder}\")` "
+                      "(weights, activations and KV cache in that type; RMSNorm and rotary in fp32, as transformers "
+                      "computes them), fp32 = the same decoder in fp32, both greedy, on the CPU. A GPU "
+                      "rounds differently again: `python -m bench.gpu_check` measures it there.\n\n" + text)
 
 
 if __name__ == "__main__":

@@ -71,9 +71,18 @@ class Decoder:
         self.model = model
         config = model.config
         self.max_seq_len = min(self.max_seq_len, config.max_position_embeddings)
-        self.cache = self.new_cache(self.max_batch_size)
+        self.cache = self.batch_cache()
         if self.compile_decode:
             self._compile_decode_layer()
+
+    def batch_cache(self) -> KVCache:
+        """The running batch's cache: `max_batch_size` slots."""
+        return self.new_cache(self.max_batch_size)
+
+    @property
+    def token_capacity(self) -> int:
+        """KV positions the running batch's cache can hold: the most the engine may reserve."""
+        return self.max_batch_size * self.max_seq_len
 
     def _compile_decode_layer(self) -> None:
         """Compile the decode step's layer now, for one row and for several, so no request waits for it.
