@@ -76,10 +76,15 @@ class CUDADecoder(Decoder):
     def decode_is_compiled(self) -> bool:
         return self.static is not None
 
+    @property
+    def can_capture(self) -> bool:
+        """Whether the decode step can be captured as CUDA graphs (on the CPU it runs bucketed, eagerly)."""
+        return self.device.type == "cuda"
+
     def _compile_decode_layer(self) -> None:
         """Capture the decode step's CUDA graphs now, before any request; on the CPU, bucket it all the same."""
         self.static = StaticDecode(self.model, self.cache, self.max_batch_size, self.max_seq_len)
-        if self.device.type != "cuda":
+        if not self.can_capture:
             return
         try:
             self.static.capture()
