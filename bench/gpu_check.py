@@ -7,7 +7,8 @@ kernels take the decoder's real masks and cache shapes, and which one torch pick
 one host transfer), `precision` (bf16, or fp16 where bf16 is not native, against fp32 on a tiny random model and
 on MODEL_DIR's), `memory` (the KV cache MAX_TOKENS_IN_FLIGHT sizes, memory after loading), `throughput` (decode
 tokens/s at each batch beside transformers' generate() with a static cache), `features` (one beam search, one
-scoring) and `worker` (`rq worker gpu` on a redis-server of its own serves one job). Exits 1 if any step fails.
+scoring) and `worker` (`rq worker gpu` on a redis-server of its own answers a generation and a beam job).
+Exits 1 if any step fails.
 
 Without CUDA it says so and exits 0; `--cpu` runs the same steps on the CPU (bf16 there) as a dry run, which
 is how the tests run the script itself.
@@ -38,6 +39,7 @@ from bench.gpu_steps import (
     sdpa_probe,
     throughput,
 )
+from shared.protocol import JobKind
 from shared.sampling import SamplingParams
 from shared.settings import Settings
 from workers.gpu.device import native_bf16
@@ -62,13 +64,8 @@ def features(target: Target) -> list[str]:
 
 
 def worker(target: Target) -> list[str]:
-    """`rq worker gpu` (the Procfile's line) on a redis-server of its own takes one job and answers it."""
-    from rq import Queue
-    from rq.serializers import JSONSerializer
-
+    """`rq worker gpu` (the Procfile's line) on a redis-server of its own answers a generation and a beam job."""
     from bench.service import ProcessGroup, procfile_commands
-    from shared.events import read_backlog
-    from shared.protocol import JOB_FUNCTION, GenerationJob
     from shared.tokenizer import TextTokenizer
     from tests.service_fixtures import RedisServer
 
@@ -83,22 +80,37 @@ def worker(target: Target) -> list[str]:
                "WORKER_DTYPE": str(target.half).removeprefix("torch."), "MAX_BATCH_SIZE": "8", "MAX_SEQ_LEN": "512",
                "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
         group.start("gpu", ["bash", "-c", procfile_commands()["gpu"]], env)
-        job_id = uuid.uuid4().hex
         prompt = TextTokenizer(folder).encode("The capital of France is")
-        job = GenerationJob(job_id=job_id, prompt_ids=prompt, sampling=SamplingParams(max_tokens=8, temperature=0))
-        Queue("gpu", connection=connection, serializer=JSONSerializer).enqueue(
-            JOB_FUNCTION, kwargs={"payload": job.model_dump(mode="json")}, job_id=job_id)
         started = time.monotonic()
-        group.wait_until(lambda: any(e.type in ("done", "error") for e in read_backlog(connection, job_id)),
-                         "the GPU worker's answer")
-        last = read_backlog(connection, job_id)[-1]
-        if last.type != "done":
-            raise CheckFailed(f"the job ended with {last.data}")
-        return [f"{label}: answered {last.data['output_text']!r} {time.monotonic() - started:.1f} s after enqueueing "
-                f"(the worker's start included; its log: {group.log_dir})"]
+        answers = {kind: answer(connection, group, prompt, kind) for kind in (JobKind.GENERATE, JobKind.BEAM)}
+        return [f"{label}: {kind.value} job answered {text!r}" for kind, text in answers.items()] + [
+            f"both within {time.monotonic() - started:.1f} s of enqueueing, the worker's start included (its log: "
+            f"{group.log_dir})"]
     finally:
         group.stop()
         server.stop()
+
+
+def answer(connection, group, prompt: list[int], kind: JobKind) -> str:
+    """Enqueue one job of `kind` on the `gpu` queue and wait for its `done` event; its text."""
+    from rq import Queue
+    from rq.serializers import JSONSerializer
+
+    from shared.events import read_backlog
+    from shared.protocol import JOB_FUNCTION, BeamOptions, GenerationJob
+
+    job_id = uuid.uuid4().hex
+    beam = BeamOptions(beam_width=2, use_rerank=False) if kind is JobKind.BEAM else None
+    job = GenerationJob(job_id=job_id, prompt_ids=prompt, kind=kind, beam=beam,
+                        sampling=SamplingParams(max_tokens=8, temperature=0))
+    Queue("gpu", connection=connection, serializer=JSONSerializer).enqueue(
+        JOB_FUNCTION, kwargs={"payload": job.model_dump(mode="json")}, job_id=job_id)
+    group.wait_until(lambda: any(e.type in ("done", "error") for e in read_backlog(connection, job_id)),
+                     f"the GPU worker's answer to a {kind.value} job")
+    last = read_backlog(connection, job_id)[-1]
+    if last.type != "done":
+        raise CheckFailed(f"the {kind.value} job ended with {last.data}")
+    return last.data["output_text"]
 
 
 STEPS = {"environment": environment, "sdpa": sdpa_probe, "sampling": device_sampling, "precision": precision,

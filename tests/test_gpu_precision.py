@@ -23,7 +23,7 @@ from workers.gpu.decoder import CUDADecoder
 pytest_plugins = ["tests.engine_fixtures"]
 
 TINY_BOUNDS = {"bfloat16": 0.9, "float16": 0.97}
-"""Top-1 agreement with fp32 over 240 positions of a tiny model: measured 0.94-0.99 (bf16), 0.99-1.0 (fp16)."""
+"""Least top-1 agreement with fp32 over 240 positions of a tiny model (the measured range: BENCHMARKS.md)."""
 
 
 def load(folder: Path, dtype: str = "auto", **limits) -> CUDADecoder:
@@ -108,9 +108,9 @@ def real_text_logits(real_fp32, real_tokenizer) -> tuple[list[int], torch.Tensor
 def test_real_bf16_stays_with_fp32_on_the_fixed_text(real_text_logits):
     ids, fp32, bf16 = real_text_logits
     assert bf16.isfinite().all()
-    assert perplexity(bf16, ids) / perplexity(fp32, ids) < 1.01  # measured +0.1%
-    assert top1_agreement(bf16, fp32) > 0.95  # measured 0.984
-    assert confident_agreement(bf16, fp32) > 0.99  # measured 1.0 where fp32 gives its token p >= 0.5
+    assert perplexity(bf16, ids) / perplexity(fp32, ids) < 1.01
+    assert top1_agreement(bf16, fp32) > 0.95
+    assert confident_agreement(bf16, fp32) > 0.99  # where fp32 gives its token p >= 0.5
 
 
 @pytest.mark.model
@@ -118,4 +118,4 @@ def test_real_bf16_batched_decode_follows_fp32s_greedy_answers(real_prompts, rea
     answers = [result.ids[:24] for result in real_fp32_alone]
     picks = decode_picks(load(REAL_WEIGHTS, "bfloat16", max_seq_len=1024), real_prompts, answers)
     same = sum(p == a for row, answer in zip(picks, answers) for p, a in zip(row, answer))
-    assert same / sum(len(row) for row in picks) > 0.95  # teacher-forced along fp32's answers: measured 0.987
+    assert same / sum(len(row) for row in picks) > 0.95  # fed fp32's answers: bf16's pick at each step
