@@ -1,6 +1,6 @@
 """Is this GPU ready for the GPU pool? One script, a few minutes on one GPU, a report, and an exit status.
 
-    python -m bench.gpu_check [--cpu] [--skip STEP ...] [--tokens 64] [--batches 1 8 32]
+    python -m bench.gpu_check [--cpu] [--skip STEP ...] [--tokens 64] [--batches 1 8 32] [--write]
 
 Steps (`--skip` takes their names): `environment` (versions, compute capability, bf16), `sdpa` (which attention
 kernels take the decoder's real masks and cache shapes, and which one torch picks), `sampling` (on the device,
@@ -127,12 +127,17 @@ def tiny_model() -> Path:
     return folder / "weights"
 
 
-def run(target: Target, skip: set[str]) -> bool:
-    """Run every step not skipped, printing each one's lines as it ends; True if none failed."""
-    failed = []
+def run(target: Target, skip: set[str]) -> list[str]:
+    """Run every step not skipped, printing each one's lines as it ends; the report's lines (the last: the tally)."""
+    report, failed = [], []
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        report.append(line)
+
     for name, step in STEPS.items():
         if name in skip:
-            print(f"[skip] {name}", flush=True)
+            say(f"[skip] {name}")
             continue
         started = time.monotonic()
         try:
@@ -140,12 +145,21 @@ def run(target: Target, skip: set[str]) -> bool:
         except Exception as exc:  # noqa: BLE001 (every failure is reported, and the other steps still run)
             lines, status = [f"{type(exc).__name__}: {exc}", *traceback.format_exc().splitlines()[-6:]], "FAIL"
             failed.append(name)
-        print(f"[{status}] {name} ({time.monotonic() - started:.1f} s)", flush=True)
+        say(f"[{status}] {name} ({time.monotonic() - started:.1f} s)")
         for line in lines:
-            print(f"       {line}", flush=True)
-    print(f"gpu_check: {len(STEPS) - len(skip) - len(failed)} ok, {len(failed)} failed"
-          + (f" ({', '.join(failed)})" if failed else ""), flush=True)
-    return not failed
+            say(f"       {line}")
+    say(f"gpu_check: {len(STEPS) - len(skip) - len(failed)} ok, {len(failed)} failed"
+        + (f" ({', '.join(failed)})" if failed else ""))
+    return report
+
+
+def write_report(target: Target, report: list[str]) -> None:
+    """The report as BENCHMARKS.md's "GPU check" section (its figures belong there, not in the code or docs)."""
+    from bench.common import write_section
+
+    device = torch.cuda.get_device_name(target.device) if target.cuda else "CPU (dry run)"
+    write_section(f"GPU check ({device})", f"One run of `python -m bench.gpu_check`, {target.tokens} new tokens per "
+                  f"sequence when timing.\n\n```\n" + "\n".join(report) + "\n```")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", nargs="*", default=[], choices=sorted(STEPS), help="steps not to run")
     parser.add_argument("--tokens", type=int, help="new tokens per sequence when timing (64; 8 with --cpu)")
     parser.add_argument("--batches", type=int, nargs="+", help="batch sizes timed (1 8 32; 1 2 with --cpu)")
+    parser.add_argument("--write", action="store_true", help="write the report into BENCHMARKS.md")
     args = parser.parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():
         print(f"gpu_check skipped: no CUDA (torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
@@ -170,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
                     max_batch_size=max(settings.max_batch_size, *(args.batches or [1])),
                     max_seq_len=settings.max_seq_len, max_tokens_in_flight=settings.max_tokens_in_flight)
     print(f"gpu_check on {device}{' (dry run)' if args.cpu else ''}: models {', '.join(map(str, models.values()))}")
-    return 0 if run(target, set(args.skip)) else 1
+    report = run(target, set(args.skip))
+    if args.write:
+        write_report(target, report)
+    return 0 if report[-1].endswith(" 0 failed") else 1
 
 
 if __name__ == "__main__":

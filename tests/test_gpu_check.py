@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from bench import gpu_check, gpu_steps
+from bench import common, gpu_check, gpu_steps
 from tests.engine_helpers import ROOT
 
 
@@ -22,7 +22,10 @@ def test_without_cuda_it_says_skipped_and_exits_0(capsys):
 
 def test_the_dry_run_runs_every_step_on_the_tiny_model(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("MODEL_DIR", str(tmp_path / "no-model"))  # the tiny model only
-    assert gpu_check.main(["--cpu", "--skip", "worker"]) == 0
+    monkeypatch.setattr(common, "BENCHMARKS", tmp_path / "BENCHMARKS.md")
+    assert gpu_check.main(["--cpu", "--skip", "worker", "--write"]) == 0
+    written = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "## GPU check (CPU (dry run))" in written and "[ok] precision" in written
     out = capsys.readouterr().out
     for step in set(gpu_check.STEPS) - {"worker"}:
         assert f"[ok] {step}" in out, out
