@@ -24,7 +24,15 @@ from shared.recovery import recover_abandoned, retry_policy
 from shared.sampling import SamplingParams
 from shared.settings import Settings
 from shared.tokenizer import load_tokenizer
-from tests.service_fixtures import TEST_REDIS_URL
+from tests.broken_device import BREAKS_AT_DECODE, CUDA_FAULT
+from tests.service_fixtures import (
+    TEST_REDIS_URL,
+    Service,
+    free_port,
+    own_redis_server,
+    procfile_commands,
+    tiny_environment,
+)
 from workers.engine.device_failure import DEVICE_FAILURE_EXIT, is_device_failure
 from workers.gpu import GPUWorker
 from workers.gpu.decoder import CUDADecoder
@@ -32,7 +40,11 @@ from workers.gpu.decoder import CUDADecoder
 pytest_plugins = ["tests.engine_fixtures"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CUDA_FAULT = "CUDA error: an illegal memory access was encountered"
+BROKEN_GPU = procfile_commands()["gpu"].replace("workers.gpu.GPUWorker", "tests.broken_device.BrokenDeviceGPUWorker")
+"""The Procfile's `gpu` line with the worker whose device breaks mid-batch."""
+
+WAIT_S = 120
+"""The longest a process may take to start, fail or answer here (a busy two-core machine)."""
 
 
 @pytest.mark.parametrize(("error", "broken"), [
@@ -135,3 +147,40 @@ def greedy_ids(weights, prompt_ids: list[int], max_tokens: int) -> list[int]:
     from tests.engine_helpers import greedy, load_fp32
 
     return greedy(load_fp32(weights), TextTokenizer(weights), [prompt_ids], max_tokens)[0]
+
+
+def enqueue(connection, job_id: str, prompt_ids: list[int], settings: Settings) -> None:
+    """A generation job on the `gpu` queue, with the recoveries the API gives every job."""
+    job = GenerationJob(job_id=job_id, prompt_ids=prompt_ids, sampling=SamplingParams(max_tokens=12, temperature=0))
+    Queue("gpu", connection=connection, serializer=JSONSerializer).enqueue(
+        JOB_FUNCTION, kwargs={"payload": job.model_dump(mode="json")}, job_id=job_id, job_timeout=120,
+        retry=retry_policy(settings))
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_worker_process_whose_device_breaks_exits_69_and_a_fresh_one_finishes_its_job(tiny_weights):
+    ids = load_tokenizer(str(tiny_weights)).encode("The history of the Roman Empire")
+    with own_redis_server() as server:
+        connection = redis.Redis.from_url(server.url)
+        env = tiny_environment(free_port(), server.url, tiny_weights, WORKER_DEVICE="cpu", WORKER_DEAD_S="2")
+        service = Service("", connection, {}, {})
+        try:
+            enqueue(connection, "job-1", ids, Settings.from_env({}))
+            broken = service.start("gpu", env, name="gpu-broken-device", command=BROKEN_GPU)
+            assert broken.wait(timeout=WAIT_S) == DEVICE_FAILURE_EXIT
+            sent = read_backlog(connection, "job-1")
+            assert [e.type for e in sent] == ["token"] * BREAKS_AT_DECODE  # the prefill's token, then 2 decodes
+            assert CUDA_FAULT in service.logs["gpu-broken-device"].read_text()
+            fresh = service.start("gpu", env, name="gpu-fresh")  # as its supervisor would: the line, a new process
+            deadline = time.monotonic() + WAIT_S
+            while read_backlog(connection, "job-1")[-1].type == "token":
+                assert fresh.poll() is None, service.logs["gpu-fresh"].read_text()[-3000:]
+                assert time.monotonic() < deadline, "the job was not resumed"
+                time.sleep(0.2)
+        finally:
+            service.stop_all()
+        events = read_backlog(connection, "job-1")
+    tokens = [e.data for e in events if e.type == "token"]
+    assert [t["index"] for t in tokens] == list(range(len(tokens)))  # no gap, no repeat across the two processes
+    assert events[-1].type == "done" and events[-1].data["output_ids"] == greedy_ids(tiny_weights, ids, 12)
