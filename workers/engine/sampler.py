@@ -39,6 +39,12 @@ class SamplingState:
             self.seen.add(token)
 
 
+def on_device(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small host list as a tensor on `device`, copied without waiting for the device's queued work (a plain
+    `torch.tensor(..., device=cuda)` synchronises); on the CPU, just the tensor."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 MIN_TEMPERATURE = 1e-3
 """A smaller positive temperature is clamped to this: dividing logits by 1e-300 gives inf, then NaN; at 1e-3
 sampling is already greedy in effect."""
@@ -56,8 +62,8 @@ def apply_repetition_penalties(logits: torch.Tensor, states: list[SamplingState]
     if not rows:
         return
     device = logits.device
-    rows, ids = torch.tensor(rows, device=device), torch.tensor(ids, device=device)
-    penalty = torch.tensor(penalties, dtype=logits.dtype, device=device)
+    rows, ids = on_device(rows, device), on_device(ids, device)
+    penalty = on_device(penalties, device, logits.dtype)
     scores = logits[rows, ids]
     logits[rows, ids] = torch.where(scores < 0, scores * penalty, scores / penalty)
 
@@ -97,11 +103,11 @@ def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[int]:
     sampled = [row for row, state in enumerate(states) if not state.params.greedy]
     if sampled:
         params = [states[row].params for row in sampled]
-        temperatures = torch.tensor([max(p.temperature, MIN_TEMPERATURE) for p in params], device=device)
-        rows = torch.tensor(sampled, device=device)
+        temperatures = on_device([max(p.temperature, MIN_TEMPERATURE) for p in params], device)
+        rows = on_device(sampled, device)
         scaled = logits[rows] / temperatures[:, None]
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
-            scaled = filter_top_k_top_p(scaled, torch.tensor([p.top_k for p in params], device=device),
-                                        torch.tensor([p.top_p for p in params], device=device))
+            scaled = filter_top_k_top_p(scaled, on_device([p.top_k for p in params], device),
+                                        on_device([p.top_p for p in params], device))
         tokens[rows] = race(scaled.softmax(dim=-1), [states[row] for row in sampled])
     return tokens.tolist()  # the one transfer to the host

@@ -102,7 +102,8 @@ class PagedKVCache:
         if changed:
             latest = {(slot, column): block for slot, column, block in changed}  # no duplicate index on the device
             rows = [(slot, column, block) for (slot, column), block in latest.items()]
-            slots, columns, blocks = torch.tensor(rows, dtype=torch.long).T.to(self.table.device)
+            # Without waiting for the device's queued work (a blocking copy to a GPU synchronises).
+            slots, columns, blocks = torch.tensor(rows, dtype=torch.long).to(self.table.device, non_blocking=True).T
             self.table[slots, columns] = blocks
             self._memo.clear()
 
