@@ -41,6 +41,11 @@ def test_the_kv_cache_holds_max_tokens_in_flight_not_every_slot_at_full_length(t
         engine.check_fits(100, 101)
 
 
+def test_a_cache_shorter_than_the_context_is_logged(tiny_dir, caplog):
+    CUDADecoder(device="cpu", max_batch_size=2, max_seq_len=256, max_tokens_in_flight=100).load_weights(tiny_dir)
+    assert "holds 100 positions, fewer than MAX_SEQ_LEN=256" in caplog.text
+
+
 def test_a_gpu_worker_sizes_its_cache_by_free_memory_and_logs_it(tiny_dir, monkeypatch, caplog):
     from shared.model_files import read_config
     from workers.engine.llama import LlamaConfig

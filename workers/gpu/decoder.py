@@ -17,7 +17,7 @@ from shared.settings import Settings
 from workers.engine.decoder import Decoder
 from workers.engine.llama import LlamaConfig, build_model
 from workers.engine.weights import fuse_projections, load_state_dict
-from workers.gpu.device import kv_positions, resolve_device, resolve_dtype
+from workers.gpu.device import kv_positions, resolve_device, resolve_dtype, warn_if_short
 from workers.gpu.graphs import StaticDecode
 from workers.gpu.paged_cache import PagedKVCache
 
@@ -64,6 +64,7 @@ class CUDADecoder(Decoder):
         config = self.config
         budget = self.max_tokens_in_flight or self.max_batch_size * self.max_seq_len
         self.max_tokens_in_flight = kv_positions(config, self.dtype, self.device, budget)
+        warn_if_short(self.max_tokens_in_flight, self.max_seq_len)
         return PagedKVCache(num_layers=config.num_layers, max_slots=self.max_batch_size,
                             num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, max_len=self.max_seq_len,
                             max_tokens=self.max_tokens_in_flight, dtype=self.dtype, device=self.device)

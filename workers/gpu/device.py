@@ -77,3 +77,10 @@ def kv_positions(config: LlamaConfig, dtype: torch.dtype, device: torch.device, 
              positions * per_position / 2**30,
              "MAX_TOKENS_IN_FLIGHT" if positions == budget else f"what fits: MAX_TOKENS_IN_FLIGHT={budget} does not")
     return positions
+
+
+def warn_if_short(positions: int, max_seq_len: int) -> None:
+    """Say so when the KV cache cannot hold one request of the whole context: such requests will be refused."""
+    if positions < max_seq_len:
+        log.warning("the KV cache holds %d positions, fewer than MAX_SEQ_LEN=%d: requests whose prompt + max_tokens "
+                    "exceed %d fail on this worker with invalid_job", positions, max_seq_len, positions)
