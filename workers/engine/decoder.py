@@ -80,9 +80,10 @@ class Decoder:
         return self.new_cache(self.max_batch_size)
 
     @property
-    def token_capacity(self) -> int:
-        """KV positions the running batch's cache can hold: the most the engine may reserve."""
-        return self.max_batch_size * self.max_seq_len
+    def token_capacity(self) -> int | None:
+        """KV positions the running batch's cache holds, where that bounds what the engine may reserve; None for
+        the slot layout, which holds every slot at full length."""
+        return None
 
     def _compile_decode_layer(self) -> None:
         """Compile the decode step's layer now, for one row and for several, so no request waits for it.

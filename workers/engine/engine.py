@@ -37,8 +37,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.prefill_chunk = prefill_chunk
-        # The decoder's cache may hold less than asked (a GPU's free memory): it bounds what is reserved.
-        self.max_tokens_in_flight = min(max_tokens_in_flight or decoder.token_capacity, decoder.token_capacity)
+        limit = max_tokens_in_flight or decoder.max_batch_size * decoder.max_seq_len
+        # A cache sized by memory (the GPU decoder's) may hold less than asked: it bounds what is reserved.
+        self.max_tokens_in_flight = limit if decoder.token_capacity is None else min(limit, decoder.token_capacity)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.prefilling: Sequence | None = None
