@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -14,6 +15,12 @@ BACKENDS = ("gpu", "cpu")
 
 BACKEND_MODES = (*BACKENDS, "auto")
 """What `BACKEND_MODE` and a request's `backend` field may say."""
+
+WORKER_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+"""What `WORKER_DEVICE` may say: the GPU worker's device."""
+
+WORKER_DTYPES = ("auto", "bfloat16", "float16", "float32")
+"""What `WORKER_DTYPE` may say: the GPU worker's weights, activations and KV cache."""
 
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -37,12 +44,13 @@ class Settings:
     redis_url: str = "redis://localhost:6379/0"
     backend_mode: str = "auto"
     model_dir: str = "weights"
-    worker_device: str = "cuda"
+    worker_device: str = "cuda"  # GPU workers: `cuda`, `cuda:N` (one worker per GPU) or `cpu`
+    worker_dtype: str = "auto"  # GPU workers: bf16 on a GPU that has it, else fp16; fp32 on the CPU
     torch_threads: int = 0  # 0: one per core
     max_batch_size: int = 32
     max_tokens_in_flight: int = 32768
     max_seq_len: int = 2048
-    compile_decode: bool = True  # CPU workers: torch.compile the decode step (workers/engine/decoder.py)
+    compile_decode: bool = True  # CPU: torch.compile the decode step; GPU: CUDA graphs of it (workers/gpu/graphs.py)
     int8_residual: bool = False  # CPU workers: two-pass INT8, ~16-bit accurate, slower (workers/engine/int8/linear.py)
     prefill_chunk: int = 256  # bounds the stall a long prompt causes running streams (bench.prefill_stall, DESIGN.md)
     default_max_tokens: int = 32
@@ -94,8 +102,12 @@ class Settings:
         if self.backend_mode not in BACKEND_MODES:
             raise ConfigurationError(
                 f"BACKEND_MODE must be one of {', '.join(BACKEND_MODES)}, not {self.backend_mode!r}")
-        if self.worker_device not in ("cuda", "cpu"):
-            raise ConfigurationError(f"WORKER_DEVICE must be 'cuda' or 'cpu', not {self.worker_device!r}")
+        if not WORKER_DEVICE.fullmatch(self.worker_device):
+            raise ConfigurationError(
+                f"WORKER_DEVICE must be 'cuda', 'cuda:N' (N a GPU's index) or 'cpu', not {self.worker_device!r}")
+        if self.worker_dtype not in WORKER_DTYPES:
+            raise ConfigurationError(
+                f"WORKER_DTYPE must be one of {', '.join(WORKER_DTYPES)}, not {self.worker_dtype!r}")
         if self.log_format not in LOG_FORMATS:
             raise ConfigurationError(f"LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}")
         if self.log_level.upper() not in LOG_LEVELS:

@@ -73,6 +73,20 @@ def starting_worker(redis_client):
     return register
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` skip cleanly where torch sees no CUDA device (torch is imported only when one is there)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in gpu_items:
+        item.add_marker(skip)
+
+
 # Session-scoped fixtures: the real processes of the integration tests (one service for every module that
 # uses it) and the tiny model.
 from tests.secured_fleet import secured  # noqa: E402,F401

@@ -5,7 +5,10 @@ Every comparison is against the same engine running the sequence alone, for both
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
+import torch
 
 from shared.exceptions import ContextLengthError
 from shared.sampling import SamplingParams
@@ -20,6 +23,7 @@ from tests.engine_helpers import (
 )
 from workers.cpu.decoder import INT8Decoder
 from workers.engine.engine import Engine
+from workers.engine.kv_cache import KVCache
 from workers.engine.sequence import FinishReason, Sequence
 
 pytest_plugins = ["tests.engine_fixtures"]
@@ -150,13 +154,26 @@ def test_check_fits_refuses_requests_longer_than_the_context(tiny_fp32, tiny_tok
         small.check_fits(60, 41)
 
 
-def test_cache_growth_mid_decode_keeps_earlier_keys(tiny_dir, tiny_hf, tiny_tokenizer):
-    decoder = load_fp32(tiny_dir, max_seq_len=512)
+def test_cache_growth_mid_decode_keeps_earlier_keys(tiny_dir, tiny_tokenizer):
+    decoder = load_int8(tiny_dir, max_seq_len=512)  # the slot layout, which grows all slots at once
     prompt = tiny_tokenizer.encode("Tokens to fill most of the first cache block. " * 24)[:240]
     assert decoder.cache.capacity < len(prompt) + 32  # the cache grows while this sequence decodes
-    expected = transformers_greedy(tiny_hf, prompt, 32, tiny_tokenizer.eos_token_ids)
+    expected = greedy_alone(load_int8(tiny_dir, max_seq_len=512), tiny_tokenizer, [prompt], 32)[0]
     neighbour = tiny_tokenizer.encode("a short neighbour")
     assert greedy(decoder, tiny_tokenizer, [prompt, neighbour], 32)[0] == expected
+    assert decoder.cache.capacity >= len(prompt) + 31
+
+
+def test_blocks_lent_mid_decode_keep_earlier_keys(tiny_dir, tiny_hf, tiny_tokenizer):
+    decoder = load_fp32(tiny_dir, max_seq_len=512)  # the paged cache: blocks are lent as sequences grow
+    prompt = tiny_tokenizer.encode("Tokens to fill most of the first cache block. " * 24)[:240]
+    expected = transformers_greedy(tiny_hf, prompt, 32, tiny_tokenizer.eos_token_ids)
+    neighbour = tiny_tokenizer.encode("a short neighbour")
+    lent = []
+    ids = greedy(decoder, tiny_tokenizer, [prompt, neighbour], 32,
+                 after_step=lambda engine, step: lent.append(decoder.cache.blocks_in_use))[0]
+    assert ids == expected
+    assert lent[0] < max(lent)  # the long sequence crossed into blocks lent while it decoded
 
 
 def test_a_worker_takes_only_what_its_next_prefill_uses(tiny_fp32, tiny_tokenizer):
@@ -206,7 +223,11 @@ def test_the_int8_decoders_kv_cache_takes_half_the_memory(tiny_dir):
     def cache_bytes(decoder):
         return sum(t.numel() * t.element_size() for t in (*decoder.cache.keys, *decoder.cache.values))
 
-    assert cache_bytes(load_int8(tiny_dir)) * 2 == cache_bytes(load_fp32(tiny_dir))
+    int8 = load_int8(tiny_dir)
+    config = int8.config
+    fp32 = KVCache(num_layers=config.num_layers, max_slots=int8.max_batch_size, num_kv_heads=config.num_kv_heads,
+                   head_dim=config.head_dim, max_len=int8.max_seq_len, dtype=torch.float32, device="cpu")
+    assert cache_bytes(int8) * 2 == cache_bytes(SimpleNamespace(cache=fp32))
 
 
 @pytest.mark.parametrize("stop", [(), ("e",)])

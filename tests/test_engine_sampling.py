@@ -9,7 +9,7 @@ import torch
 
 from shared.sampling import SamplingParams
 from tests.engine_helpers import greedy, run_engine, tiny_prompts, transformers_greedy
-from workers.engine.sampler import SamplingState, apply_repetition_penalty, filter_top_k_top_p, sample
+from workers.engine.sampler import SamplingState, apply_repetition_penalties, filter_top_k_top_p, sample
 from workers.engine.sequence import FinishReason
 from workers.gpu.decoder import CUDADecoder
 
@@ -56,12 +56,15 @@ def test_each_row_keeps_its_own_top_k_and_top_p():
 def test_repetition_penalty_matches_transformers():
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-    logits = torch.tensor([[2.0, -1.0, 0.5, -3.0, 1.0, 0.0]])
-    seen = {0, 1, 3}
-    ours = logits[0].clone()
-    apply_repetition_penalty(ours, seen, 1.5)
-    theirs = RepetitionPenaltyLogitsProcessor(1.5)(torch.tensor([sorted(seen)]), logits.clone())[0]
-    assert torch.equal(ours, theirs)
+    logits = torch.tensor([[2.0, -1.0, 0.5, -3.0, 1.0, 0.0], [1.0, -2.0, 0.5, 3.0, -1.0, 0.5]])
+    states = [SamplingState(SamplingParams(repetition_penalty=1.5), [0, 1, 3]),
+              SamplingState(SamplingParams(repetition_penalty=0.7), [1, 2, 3, 4])]
+    ours = logits.clone()
+    apply_repetition_penalties(ours, states)
+    for row, (state, penalty) in enumerate(zip(states, (1.5, 0.7))):  # each row by its own penalty
+        seen = torch.tensor([sorted(state.seen)])
+        theirs = RepetitionPenaltyLogitsProcessor(penalty)(seen, logits[row:row + 1].clone())
+        assert torch.equal(ours[row], theirs[0])
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -46,6 +47,7 @@ from shared.recovery import forget_executions
 from shared.settings import Settings
 from shared.tokenizer import load_tokenizer
 from workers.engine.decoder import Decoder
+from workers.engine.device_failure import DEVICE_FAILURE_EXIT, is_device_failure
 from workers.engine.engine import Engine, EngineJob
 from workers.engine.sequence import FinishReason, Sequence, Update
 from workers.features.group_jobs import GROUP_JOBS, BeamJob, ScoreJob, load_reranker
@@ -254,7 +256,9 @@ class BatchingWorker(SimpleWorker):
             self.running.clear()
             self.engine = self.engine_for(self.engine.decoder)
             self.wait_for_redis()
-        except Exception:  # a bug in a step must not strand clients: fail what is running, keep serving
+        except Exception as exc:  # a bug in a step must not strand clients: fail what is running, keep serving
+            if is_device_failure(exc):
+                self.exit_for_broken_device(exc)
             self.log.exception("Worker %s: batch step failed", self.name)
             for entry in list(self.running.values()):
                 self.fail(entry, "internal_error", "the worker failed while generating", sys.exc_info())
@@ -268,13 +272,33 @@ class BatchingWorker(SimpleWorker):
         can be blamed for: the engine's jobs fail and the engine is rebuilt (the model stays loaded)."""
         try:
             updates = self.engine.step()
-        except Exception:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001
+            if is_device_failure(exc):
+                self.exit_for_broken_device(exc)
             self.log.exception("Worker %s: a batch step failed; its jobs fail", self.name)
             for entry in list(self.running.values()):
                 self.fail(entry, "internal_error", "the worker failed while generating", sys.exc_info())
             self.engine = self.engine_for(self.engine.decoder)
             return
         self.publish(updates)
+
+    def exit_for_broken_device(self, error: BaseException) -> None:
+        """A CUDA error broke this process's device context: no job can run here any more, and none is to blame.
+
+        Exit at once, non-zero, settling nothing: the running jobs stay in RQ's started registry, their
+        heartbeats lapse within WORKER_DEAD_S, and recovery resumes them on another worker from their backlogs
+        (each such death counts against MAX_RECOVERIES, so a job that breaks every GPU ends as `job_lost`). The
+        supervisor (systemd, compose, Kubernetes) starts a fresh process, which gets a fresh context."""
+        self.log.critical("Worker %s: the device failed (%s: %s); exiting with status %d so its supervisor restarts "
+                          "it; its %d running jobs resume on another worker", self.name, type(error).__name__, error,
+                          DEVICE_FAILURE_EXIT, len(self.running), exc_info=error)
+        self.liveness.stop()
+        with contextlib.suppress(*REDIS_DOWN):
+            worker_registration.unregister(self)  # routing and /health stop counting it now
+            self.register_death()
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(DEVICE_FAILURE_EXIT)  # not SystemExit: cleanups that touch the broken device could hang
 
     def wait_for_redis(self) -> None:
         """Block until Redis answers again, retrying every REDIS_RETRY_MAX_S at most."""
@@ -396,6 +420,9 @@ class BatchingWorker(SimpleWorker):
         except REDIS_DOWN:
             raise
         except Exception as exc:  # noqa: BLE001 (a bug met by this job alone fails it alone)
+            if is_device_failure(exc):
+                self.running[job.id] = entry  # not failed: resumed elsewhere with the others
+                self.exit_for_broken_device(exc)
             self.fail_alone(entry, exc)
             return
         self.running[job.id] = entry

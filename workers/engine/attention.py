@@ -21,23 +21,25 @@ class Block:
     rows: slice
     queries: int
     keys: int
-    mask: torch.Tensor | None  # [rows, 1, queries, keys] additive; None when every key is visible
+    mask: torch.Tensor | None  # [rows, 1, queries, keys] additive, in the queries' dtype; None: all visible
 
 
-def causal_mask(starts: list[int], steps: int, device) -> torch.Tensor | None:
+def causal_mask(starts: list[int], steps: int, device, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
     """Additive mask `[B, 1, steps, max(starts) + steps]`: row b's query t sees the keys up to `starts[b] + t`.
 
-    None when every query sees every key: one query per row, all rows at the same position.
+    In the queries' `dtype`: SDPA's fused GPU kernels refuse a mask of another dtype (0 and -inf are exact
+    in every float type). None when every query sees every key: one query per row, all at the same position.
     """
     length = max(starts) + steps
     if steps == 1 and min(starts) == length - 1:
         return None
     positions = torch.tensor(starts, device=device)[:, None] + torch.arange(steps, device=device)  # [B, T]
     visible = torch.arange(length, device=device)[None, None, :] <= positions[:, :, None]  # [B, T, length]
-    return torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf"))[:, None]
+    return torch.zeros(visible.shape, device=device, dtype=dtype).masked_fill_(~visible, float("-inf"))[:, None]
 
 
-def attention_blocks(starts: list[int], lengths: list[int], steps: int, exact_rows: bool, device) -> list[Block]:
+def attention_blocks(starts: list[int], lengths: list[int], steps: int, exact_rows: bool, device,
+                     dtype: torch.dtype = torch.float32) -> list[Block]:
     """How the rows of a forward pass attend: all together under one mask, or (`exact_rows`) each alone.
 
     Row b holds `lengths[b]` real tokens from position `starts[b]`. Alone, a row attends over exactly its
@@ -45,8 +47,8 @@ def attention_blocks(starts: list[int], lengths: list[int], steps: int, exact_ro
     activations amplify such differences into other tokens.
     """
     if not exact_rows:
-        return [Block(slice(0, len(starts)), steps, max(starts) + steps, causal_mask(starts, steps, device))]
-    return [Block(slice(row, row + 1), n, start + n, causal_mask([start], n, device))
+        return [Block(slice(0, len(starts)), steps, max(starts) + steps, causal_mask(starts, steps, device, dtype))]
+    return [Block(slice(row, row + 1), n, start + n, causal_mask([start], n, device, dtype))
             for row, (start, n) in enumerate(zip(starts, lengths))]
 
 

@@ -72,12 +72,23 @@ class Decoder:
         self.model = model
         config = model.config
         self.max_seq_len = min(self.max_seq_len, config.max_position_embeddings)
-        self.cache = KVCache(
+        self.cache = self.batch_cache()
+        if self.compile_decode:
+            self._compile_decode_layer()
+
+    def batch_cache(self) -> KVCache:
+        """The running batch's cache: `max_batch_size` slots (beam forks and scoring rows live in them too)."""
+        config = self.config
+        return KVCache(
             num_layers=config.num_layers, max_slots=self.max_batch_size, num_kv_heads=config.num_kv_heads,
             head_dim=config.head_dim, max_len=self.max_seq_len, dtype=self.cache_dtype or self.dtype,
             device=self.device, static=self.static_cache)
-        if self.compile_decode:
-            self._compile_decode_layer()
+
+    @property
+    def token_capacity(self) -> int | None:
+        """KV positions the running batch's cache holds, where that bounds what the engine may reserve; None for
+        the slot layout, which holds every slot at full length."""
+        return None
 
     def _compile_decode_layer(self) -> None:
         """Compile the decode step's layer now, for one row and for several, so no request waits for it.

@@ -10,7 +10,8 @@ Isolation: work that belongs to one sequence (its prefill, sampling its token, d
 checks; a group's choices) ends only that sequence when it raises: it finishes as FAILED with the exception,
 and the others go on. A group prefill that raises is retried one prompt at a time, a batched sampling one row
 at a time, so only the culprit fails. The decode step's one forward pass over every running row cannot be
-pinned on one of them: an exception there leaves `step()` (the worker then fails the running jobs).
+pinned on one of them: an exception there leaves `step()` (the worker then fails the running jobs). Nor can a
+device failure (a CUDA error, workers/engine/device_failure.py), wherever it strikes: it leaves `step()` too.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tokenizers import Tokenizer
 
 from shared.limits import check_context
 from workers.engine.decoder import Decoder
+from workers.engine.device_failure import reraise_device_failure
 from workers.engine.groups import GroupRow, GroupSteps, RowGroup
 from workers.engine.sampler import sample
 from workers.engine.sequence import FinishReason, Sequence, Update
@@ -43,7 +45,9 @@ class Engine(GroupSteps):
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.prefill_chunk = prefill_chunk
-        self.max_tokens_in_flight = max_tokens_in_flight or decoder.max_batch_size * decoder.max_seq_len
+        limit = max_tokens_in_flight or decoder.max_batch_size * decoder.max_seq_len
+        # A cache sized by memory (the GPU decoder's) may hold less than asked: it bounds what is reserved.
+        self.max_tokens_in_flight = limit if decoder.token_capacity is None else min(limit, decoder.token_capacity)
         self.max_yielding_rows = min(max_yielding_rows or decoder.max_batch_size, decoder.max_batch_size)
         self.waiting: deque[EngineJob] = deque()
         self.running: list[Sequence | GroupRow] = []  # the rows of the batch: row b is slot b
@@ -183,6 +187,7 @@ class Engine(GroupSteps):
         try:
             logits = self.decoder.prefill_many(first, [s.prefill_ids for s in group])
         except Exception as exc:  # noqa: BLE001 (whatever it is, it ends one sequence, not the batch)
+            reraise_device_failure(exc)
             if len(group) == 1:
                 return [self._fail(group[0], exc)]
             return [update for sequence in group for update in self._prefill_group([sequence])]
@@ -199,6 +204,7 @@ class Engine(GroupSteps):
         try:
             logits = self.decoder.prefill(sequence.slot, chunk, start=sequence.prefilled)
         except Exception as exc:  # noqa: BLE001 (its slot is simply overwritten by the next admission)
+            reraise_device_failure(exc)
             self.prefilling = None
             return [self._fail(sequence, exc)]
         sequence.prefilled += len(chunk)
@@ -226,6 +232,7 @@ class Engine(GroupSteps):
         try:
             tokens = sample(logits, [s.sampling for s in sequences])
         except Exception as exc:  # noqa: BLE001
+            reraise_device_failure(exc)
             if len(sequences) == 1:
                 return [self._fail(sequences[0], exc)]
             return [update for row, sequence in enumerate(sequences)

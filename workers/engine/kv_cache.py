@@ -39,8 +39,11 @@ class KVCache:
         return self.keys[0].shape[2]
 
     @ordinary_tensors()
-    def reserve(self, length: int) -> None:
-        """Make room for `length` tokens per slot, doubling capacity (the copy is rare)."""
+    def reserve(self, length: int, slots: slice | None = None, ends: list[int] | None = None) -> None:
+        """Make room for `length` tokens per slot, doubling capacity (the copy is rare).
+
+        `slots` and `ends` (each written slot's last position + 1) matter to a cache that holds each slot's
+        tokens apart (workers/gpu/paged_cache.py); this one grows every slot alike."""
         if length > self.max_len:
             raise ValueError(f"sequence of {length} tokens exceeds the cache's {self.max_len}")
         if length <= self.capacity:

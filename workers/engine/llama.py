@@ -205,7 +205,12 @@ class LlamaModel(nn.Module):
         positions = torch.tensor(starts, device=device)[:, None] + torch.arange(steps, device=device)
         return StepInputs(*self.rotary_tables(positions), torch.arange(len(starts), device=device)[:, None],
                           positions, slots, max(starts) + steps,
-                          attention_blocks(starts, lengths, steps, self.exact_rows, device))
+                          attention_blocks(starts, lengths, steps, self.exact_rows, device, self.compute_dtype))
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of activations, queries included (the embeddings'; INT8 layers keep fp32 activations)."""
+        return self.embed_tokens.weight.dtype
 
     def rotary_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin `[B, T, 1, head_dim]` for token positions `[B, T]` (see apply_rotary)."""
@@ -233,6 +238,22 @@ class LlamaModel(nn.Module):
         return self.lm_head(self.norm(x[:, -1])).float()
 
     @torch.inference_mode()
+    def static_decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache, length: int) -> torch.Tensor:
+        """Logits `[B, vocab]` for `tokens` `[B, 1]` at `positions` `[B, 1]` of slots 0..B-1, attending over the
+        first `length` positions of each: device tensors in, no host value read, so a CUDA graph can capture it
+        (workers/gpu/graphs.py). The cache must already hold room for the rows' positions."""
+        batch, device = tokens.shape[0], tokens.device
+        cache.reserve(length)
+        visible = torch.arange(length, device=device)[None, :] <= positions  # [B, length]
+        mask = torch.zeros(visible.shape, dtype=self.compute_dtype, device=device).masked_fill_(~visible, -torch.inf)
+        step = StepInputs(*self.rotary_tables(positions), torch.arange(batch, device=device)[:, None], positions,
+                          slice(0, batch), length, [Block(slice(0, batch), 1, length, mask[:, None, None, :])])
+        x = self.embed_tokens(tokens)
+        for layer in self.layers:
+            x = layer(x, step, cache)
+        return self.lm_head(self.norm(x[:, -1])).float()
+
+    @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, slots: slice, starts: list[int],
                 last_only: bool = True, lengths: list[int] | None = None) -> torch.Tensor:
         """Logits for `tokens` `[B, T]` placed at positions `starts[b]..` of slots `slots`.
@@ -243,7 +264,7 @@ class LlamaModel(nn.Module):
         batch, steps = tokens.shape
         lengths = lengths or [steps] * batch
         step = self.step_inputs(starts, lengths, steps, slots, tokens.device)
-        cache.reserve(step.length)
+        cache.reserve(step.length, slots, [start + n for start, n in zip(starts, lengths)])
         x = self.embed_tokens(tokens)
         for layer in self.layers:
             x = layer(x, step, cache)

@@ -1,6 +1,7 @@
-"""The GPU pool's RQ worker: `rq worker gpu -w workers.gpu.GPUWorker`.
+"""The GPU pool's RQ worker: `rq worker gpu -w workers.gpu.GPUWorker`, one per GPU (WORKER_DEVICE=cuda:N, or
+CUDA_VISIBLE_DEVICES naming one GPU).
 
-Refuses to start without CUDA unless `WORKER_DEVICE=cpu`, which runs the same decoder in fp32 on the CPU.
+Refuses to start without CUDA unless `WORKER_DEVICE=cpu`, which runs the same decoder on the CPU.
 """
 
 from __future__ import annotations
@@ -13,7 +14,4 @@ class GPUWorker(BatchingWorker):
     """Continuous batching on the CUDA decoder."""
 
     def build_decoder(self) -> CUDADecoder:
-        settings = self.settings
-        decoder = CUDADecoder(device=settings.worker_device, max_batch_size=settings.max_batch_size,
-                              max_seq_len=settings.max_seq_len, threads=settings.torch_threads)
-        return decoder.load_weights(settings.model_path)
+        return CUDADecoder.from_settings(self.settings)
