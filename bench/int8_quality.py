@@ -214,9 +214,8 @@ def cpu_bf16(settings):
     """The fp32 path's code with weights, activations and KV cache in bf16, on the CPU."""
     from workers.gpu.decoder import CUDADecoder
 
-    decoder = CUDADecoder(device="cpu", max_batch_size=1, max_seq_len=CONTEXT)
-    decoder.dtype = torch.bfloat16  # CUDADecoder picks fp32 on the CPU; this asks for the GPU pool's dtype
-    return decoder.load_weights(settings.model_path)
+    return CUDADecoder(device="cpu", dtype="bfloat16", max_batch_size=1, max_seq_len=CONTEXT).load_weights(
+        settings.model_path)
 
 
 def our_paths(settings) -> dict[str, PathLogits]:
@@ -237,9 +236,6 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=CHUNKS, help=f"chunks of {CONTEXT} tokens (default {CHUNKS})")
     parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = parser.parse_args()
-    if args.decoder != "int8":
-        return main_half(args)
-
     from bench.common import machine, write_section
     from bench.service import gguf_model
     from shared.model_files import force_offline
@@ -276,32 +272,6 @@ def check_llama_cpp(llama: dict, tokenizer, chunk: list[int], vocab: int) -> Non
         raise RuntimeError(f"llama.cpp's vocabulary has {llama['vocab']} tokens, ours {vocab}")
     if llama["text"] != tokenizer.decode(chunk, skip_special_tokens=False):
         raise RuntimeError("llama.cpp decodes our token ids to a different text")
-
-
-def main_half(args) -> None:
-    """The GPU decoder in bf16 or fp16 against itself in fp32, both on the CPU."""
-    from bench.common import machine, write_section
-    from shared.model_files import force_offline
-    from shared.settings import Settings
-    from shared.tokenizer import load_tokenizer
-    from workers.gpu.decoder import CUDADecoder
-
-    force_offline()
-    settings = Settings.from_env()
-    tokenizer = load_tokenizer(settings.model_dir)
-    limits = {"max_batch_size": len(CHAT_PROMPTS) + len(RAW_PROMPTS), "max_seq_len": PERPLEXITY_TOKENS + args.tokens}
-    fp32 = CUDADecoder(device="cpu", **limits).load_weights(settings.model_path)
-    half = CUDADecoder(device="cpu", dtype=args.decoder, **limits).load_weights(settings.model_path)
-    name = {"bfloat16": "bf16", "float16": "fp16"}[args.decoder]
-    text = report(measure(fp32, half, tokenizer, args.tokens), args.tokens, name)
-    print(text)
-    if args.write:
-        write_section(f"{name} quality (vs the fp32 path)",
-                      f"Machine: {machine()}. One run of `python -m bench.int8_quality --decoder {args.decoder} "
-                      f"--tokens {args.tokens}`; {name} = `CUDADecoder(device=\"cpu\", dtype=\"{args.decoder}\")` "
-                      "(weights, activations and KV cache in that type; RMSNorm and rotary in fp32, as transformers "
-                      "computes them), fp32 = the same decoder in fp32, both greedy, on the CPU. A GPU "
-                      "rounds differently again: `python -m bench.gpu_check` measures it there.\n\n" + text)
 
 
 if __name__ == "__main__":
