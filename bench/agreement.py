@@ -6,7 +6,10 @@ measures luck); bench.int8_quality measures fidelity by KL divergence instead.
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 from bench.int8_quality import position_logits
 
@@ -59,3 +62,8 @@ def greedy_outputs(decoder, tokenizer, prompt_ids: list[list[int]], tokens: int)
     params = SamplingParams(max_tokens=tokens, temperature=0.0)
     sequences = [Sequence(str(i), ids, params, tokenizer.backend) for i, ids in enumerate(prompt_ids)]
     return [s.output_ids for s in engine.run(sequences)]
+
+
+def perplexity(logits: torch.Tensor, ids: list[int]) -> float:
+    """exp(mean negative log-likelihood) of ids[1:] under the logits of the positions before them."""
+    return math.exp(F.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:], device=logits.device)).item())

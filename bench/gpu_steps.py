@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.int8_quality import confident_agreement, perplexity, position_logits, top1_agreement
+from bench.agreement import confident_agreement, perplexity, top1_agreement
+from bench.int8_quality import position_logits
 from shared.model_files import read_config
 from shared.sampling import SamplingParams
 from shared.tokenizer import TextTokenizer

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.int8_quality import confident_agreement, perplexity, perplexity_ids, position_logits, top1_agreement
+from bench.agreement import confident_agreement, perplexity, top1_agreement
+from bench.int8_quality import position_logits, text_chunks
 from shared.exceptions import ConfigurationError
 from shared.tokenizer import TextTokenizer
 from tests.engine_helpers import REAL_WEIGHTS, greedy_alone, tiny_prompts
@@ -99,7 +100,7 @@ def test_a_cuda_device_without_cuda_is_refused_naming_worker_device(device):
 
 @pytest.fixture(scope="module")
 def real_text_logits(real_fp32, real_tokenizer) -> tuple[list[int], torch.Tensor, torch.Tensor]:
-    ids = perplexity_ids(real_tokenizer)
+    ids = text_chunks(real_tokenizer, 1)[0]  # 512 tokens of the fixed text
     bf16 = load(REAL_WEIGHTS, "bfloat16", max_seq_len=1024)
     return ids, position_logits(real_fp32, ids), position_logits(bf16, ids)
 
