@@ -48,15 +48,17 @@ from workers.gpu.device import native_bf16
 def features(target: Target) -> list[str]:
     """One beam search and one scoring of candidates on the loaded decoder."""
     from shared.tokenizer import TextTokenizer
-    from workers.features.beam import beam_search
-    from workers.features.scoring import score_candidates
+    from tests.engine_helpers import (  # as rows of an engine's batch, as a worker runs them
+        beam_search,
+        score_candidates,
+    )
 
     label, folder = target.main_model
     decoder, tokenizer = target.loaded[label], TextTokenizer(folder)
     prompt = tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
-    beams = beam_search(decoder, prompt, 4, 16, eos_token_ids=tokenizer.eos_token_ids)
+    beams = beam_search(decoder, tokenizer, prompt, 4, 16, eos_token_ids=tokenizer.eos_token_ids)
     texts = ["Paris.", "The capital of France is Paris.", "Blue."]
-    scores = score_candidates(decoder, prompt, [tokenizer.encode_rendered(t) for t in texts])
+    scores = score_candidates(decoder, tokenizer, prompt, [tokenizer.encode_rendered(t) for t in texts])
     if not beams or not all(map(torch.isfinite, torch.tensor([b.score for b in beams] + scores))):
         raise CheckFailed(f"beam search or scoring gave no candidate or a non-finite score: {beams}, {scores}")
     return [f"beam search (width 4): best {tokenizer.decode(beams[0].token_ids)!r} ({beams[0].score:.3f})",

@@ -150,7 +150,7 @@ def test_a_fault_in_a_groups_own_work_fails_it_alone(tiny_int8, tiny_tokenizer, 
 
 def test_a_fork_keeps_a_rows_slot_for_its_first_child_and_copies_the_others_within_the_batch():
     copies = []
-    decoder = SimpleNamespace(move_slot=lambda source, target, length: copies.append((source, target, length)))
+    decoder = SimpleNamespace(copy_slot=lambda source, target, length: copies.append((source, target, length)))
     group = SimpleNamespace(prompt_ids=[1, 2, 3], finished=False, row_tokens=lambda: [[10], [11], [12]])
     others = [object(), object()]  # two sequences in slots 0 and 1
     root = GroupRow(group, 2, [])  # the prompt's row, just prefilled

@@ -144,5 +144,12 @@ class Decoder:
         return self.model(self._tokens([[t] for t in tokens]), self.cache, slice(0, batch), positions)
 
     def move_slot(self, source: int, target: int, length: int) -> None:
-        """Copy a row's cache to another slot (compaction after a row leaves, a beam's fork)."""
+        """Move a row's cache to another slot (compaction after a row leaves); the source slot is not read again."""
         self.cache.copy_slot(source, target, length)
+
+    def copy_slot(self, source: int, target: int, length: int) -> None:
+        """Copy a row's cache to another slot, the source staying as it is (a beam's fork, a scoring row)."""
+        self.cache.copy_slot(source, target, length)
+
+    def release_slots(self, first: int) -> None:
+        """Slots `first..` hold no row any more (a cache that lends memory to slots takes it back)."""

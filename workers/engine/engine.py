@@ -302,6 +302,8 @@ class Engine(GroupSteps):
             for offset in range(rows):  # upwards: a slot is read before any row lands on it
                 self.decoder.move_slot(prefilling.slot + offset, len(self.running) + offset, length)
             prefilling.slot = len(self.running)
+        held = prefilling.prefill_rows()[0] if isinstance(prefilling, RowGroup) else int(prefilling is not None)
+        self.decoder.release_slots(len(self.running) + held)
 
     # -- convenience ---------------------------------------------------------------------------------
 

@@ -122,7 +122,7 @@ def fork(group: RowGroup, parents: list[int], running: list, decoder) -> None:
         else:  # the group grows (its first choice: every row forks from the prompt's)
             row = GroupRow(group, len(running), [])
             running.append(row)
-        decoder.move_slot(old[parent].slot, row.slot, old[parent].length)
+        decoder.copy_slot(old[parent].slot, row.slot, old[parent].length)
         rows[index] = row
     for row, tokens in zip(rows, group.row_tokens()):
         row.output_ids = tokens
@@ -146,7 +146,7 @@ class GroupSteps:
         try:
             group.start(logits[None])
             for offset in range(1, group.prefill_rows()[0]):
-                self.decoder.move_slot(group.slot, group.slot + offset, group.prefilled)
+                self.decoder.copy_slot(group.slot, group.slot + offset, group.prefilled)
         except Exception as exc:  # noqa: BLE001 (its own work: it alone fails)
             group.fail(exc)
         return self._end_feeding(group)

@@ -106,7 +106,6 @@ class CUDADecoder(Decoder):
         return super().prefill_many(first_slot, prompts)
 
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
-        self.cache.release_from(len(tokens) + 1)  # slot B may hold the sequence being prefilled
         if self.static is not None:
             return self.static.run(tokens, positions)
         return super().decode(tokens, positions)
@@ -114,3 +113,7 @@ class CUDADecoder(Decoder):
     def move_slot(self, source: int, target: int, length: int) -> None:
         """Hand a sequence's blocks to another slot (compaction): nothing is copied."""
         self.cache.move_slot(source, target, length)
+
+    def release_slots(self, first: int) -> None:
+        """Take back the blocks of slots `first..` (their rows have left)."""
+        self.cache.release_from(first)
