@@ -5,6 +5,7 @@ The app's model folder is the tiny tokenizer's (tests/tiny_tokenizer.py): the AP
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import fakeredis
@@ -26,6 +27,10 @@ def redis_client():
     """An empty in-process Redis of its own for each test."""
     client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
     yield client
+    # Close what the test left open (a stream's response cancels its job through Redis as it closes) now, while
+    # nothing else runs: left to the garbage collector, it closed in the middle of a later test's fakeredis
+    # command, and fakeredis's lock is not re-entrant (the suite hung).
+    gc.collect()
     client.flushall()
 
 
