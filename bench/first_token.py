@@ -18,10 +18,7 @@ Reported: median and p90 TTFT of each system per kind, and ours / llama.cpp's (t
 from __future__ import annotations
 
 import argparse
-import json
 import time
-
-import requests
 
 from bench.common import machine, median, percentile, write_section
 from bench.service import (
@@ -29,9 +26,9 @@ from bench.service import (
     gguf_model,
     running_llama_server,
     running_service,
+    stream_chat,
     warm_up_service,
 )
-from tests.sse_client import iter_events
 
 QUESTION = "Write a haiku about the sea."
 """A short chat message: the preamble and this make a prompt of a few dozen tokens."""
@@ -42,20 +39,11 @@ FIRST_TOKEN_BUDGET = 2
 
 def first_token_s(base_url: str, content: str) -> float:
     """Send one streamed greedy chat request; seconds until its first content chunk (the rest is read)."""
-    body = {"messages": [{"role": "user", "content": content}], "max_tokens": FIRST_TOKEN_BUDGET,
-            "temperature": 0.0, "stream": True}
-    sent, first = time.perf_counter(), None
-    with requests.post(f"{base_url}/v1/chat/completions", json=body, stream=True, timeout=120) as response:
-        response.raise_for_status()
-        for event in iter_events(response, decode=None):
-            if event.data.strip() == "[DONE]":
-                break
-            delta = json.loads(event.data)["choices"][0].get("delta", {})
-            if delta.get("content") and first is None:
-                first = time.perf_counter() - sent
-    if first is None:
+    timing = stream_chat(base_url, {"messages": [{"role": "user", "content": content}],
+                                    "max_tokens": FIRST_TOKEN_BUDGET, "temperature": 0.0})
+    if not timing.token_times:
         raise RuntimeError(f"{base_url} sent no content")
-    return first
+    return timing.ttft
 
 
 def measure(servers: dict[str, str], repeats: int) -> dict[tuple[str, str], list[float]]:

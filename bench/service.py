@@ -93,10 +93,15 @@ def stream_ours(base_url: str, prompt: str, max_tokens: int) -> StreamTiming:
 
 def stream_llama(base_url: str, messages: list[dict], max_tokens: int) -> StreamTiming:
     """POST /v1/chat/completions (stream, greedy, exactly `max_tokens`) and time each content chunk."""
-    body = {"messages": messages, "max_tokens": max_tokens, "min_tokens": max_tokens, "temperature": 0.0,
-            "stream": True}
+    return stream_chat(base_url, {"messages": messages, "max_tokens": max_tokens, "min_tokens": max_tokens,
+                                  "temperature": 0.0})
+
+
+def stream_chat(base_url: str, body: dict) -> StreamTiming:
+    """POST an OpenAI chat request (`body`, streamed) to /v1/chat/completions and time each content chunk."""
     timing = StreamTiming(time.perf_counter())
-    with requests.post(f"{base_url}/v1/chat/completions", json=body, stream=True, timeout=600) as response:
+    with requests.post(f"{base_url}/v1/chat/completions", json={**body, "stream": True}, stream=True,
+                       timeout=600) as response:
         response.raise_for_status()
         for event in iter_events(response, decode=None):
             if event.data.strip() == "[DONE]":
