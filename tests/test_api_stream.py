@@ -119,9 +119,11 @@ def test_a_job_that_fails_without_a_result_ends_the_stream_with_an_error(app_con
     assert comments  # keep-alives went out while the API waited
 
 
-def test_a_queued_job_whose_pool_has_no_live_worker_left_ends_with_no_worker(app_config, redis_client):
+def test_a_queued_job_whose_pool_has_no_live_worker_left_ends_with_no_worker(app_config, redis_client, live_worker):
     client = create_app({**app_config, "KEEPALIVE_S": 0.05}).test_client()
-    job_id = enqueue_job(redis_client)  # its pool's last worker died after the job was accepted
+    worker = live_worker("cpu")
+    job_id = enqueue_job(redis_client)
+    redis_client.delete(worker.key)  # the pool's last worker died after the job was accepted (its key expired)
     events, _ = parse_sse(client.get(f"/jobs/{job_id}/stream").get_data(as_text=True))
     assert [e["event"] for e in events] == ["error"] and events[0]["data"]["error"]["type"] == "no_worker"
     assert events[0]["id"] == 1  # in the backlog: a client resuming later is told the same
