@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +130,20 @@ def own_redis_server() -> Iterator[RedisServer]:
     finally:
         if server.process.poll() is None:
             server.stop()
+
+
+@contextlib.contextmanager
+def private_queue(prefix: str) -> Iterator[tuple[redis.Redis, str]]:
+    """A queue name of the test's own on the real Redis; every key naming it is deleted afterwards."""
+    connection = redis.Redis.from_url(TEST_REDIS_URL)
+    name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    yield connection, name
+    for key in connection.scan_iter(match=f"*{name}*", count=1000):
+        connection.delete(key)
+    for key in (b"rq:queues", b"rq:workers"):
+        for member in connection.smembers(key):
+            if name.encode() in member:
+                connection.srem(key, member)
 
 
 def tiny_environment(port: int, redis_url: str, weights: Path, **extra: str) -> dict[str, str]:

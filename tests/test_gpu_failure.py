@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 
 import pytest
 import redis
@@ -26,10 +25,10 @@ from shared.settings import Settings
 from shared.tokenizer import load_tokenizer
 from tests.broken_device import BREAKS_AT_DECODE, CUDA_FAULT
 from tests.service_fixtures import (
-    TEST_REDIS_URL,
     Service,
     free_port,
     own_redis_server,
+    private_queue,
     procfile_commands,
     tiny_environment,
 )
@@ -71,15 +70,8 @@ class Exited(BaseException):
 @pytest.fixture
 def pool():
     """A queue name of the test's own on the real Redis; every key naming it is deleted afterwards."""
-    connection = redis.Redis.from_url(TEST_REDIS_URL)
-    name = f"gpu-failure-{uuid.uuid4().hex[:12]}"
-    yield connection, name
-    for key in connection.scan_iter(match=f"*{name}*", count=1000):
-        connection.delete(key)
-    for key in (b"rq:queues", b"rq:workers"):
-        for member in connection.smembers(key):
-            if name.encode() in member:
-                connection.srem(key, member)
+    with private_queue("gpu-failure") as queue:
+        yield queue
 
 
 def run_worker(connection, name: str, settings: Settings, worker_name: str) -> GPUWorker:

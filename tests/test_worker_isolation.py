@@ -23,7 +23,7 @@ from shared.protocol import JOB_FUNCTION, BeamOptions, GenerationJob, JobKind, S
 from shared.sampling import SamplingParams
 from shared.settings import Settings
 from shared.tokenizer import load_tokenizer
-from tests.service_fixtures import TEST_REDIS_URL
+from tests.service_fixtures import TEST_REDIS_URL, private_queue
 from workers.cpu import CPUWorker
 from workers.engine.engine import Engine
 from workers.engine.groups import GroupRow
@@ -54,15 +54,8 @@ FIRST_BATCH = ("gen0", "gen1", "beam0", "score0")
 @pytest.fixture
 def pool():
     """A queue name of the test's own on the real Redis; every key naming it is deleted afterwards."""
-    connection = redis.Redis.from_url(TEST_REDIS_URL)
-    name = f"isolation-{uuid.uuid4().hex[:12]}"
-    yield connection, name
-    for key in connection.scan_iter(match=f"*{name}*", count=1000):
-        connection.delete(key)
-    for key in (b"rq:queues", b"rq:workers"):
-        for member in connection.smembers(key):
-            if name.encode() in member:
-                connection.srem(key, member)
+    with private_queue("isolation") as queue:
+        yield queue
 
 
 def enqueue_all(connection, name: str, weights, prefix: str = "") -> dict[str, str]:
