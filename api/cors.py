@@ -14,7 +14,7 @@ EXTENSION_KEY = "llm_cors"
 
 ALLOWED_METHODS = "GET, POST, DELETE, OPTIONS"
 ALLOWED_HEADERS = "Authorization, Content-Type, Last-Event-ID, X-Request-Id"
-EXPOSED_HEADERS = "X-Job-Id, X-Request-Id, X-Messages-Dropped, Retry-After, Location"
+EXPOSED_HEADERS = "X-Job-Id, X-Request-Id, X-Messages-Dropped, Retry-After, Retry-After-Ms, Location"
 MAX_AGE_S = 600
 """How long a browser may reuse a preflight's answer."""
 

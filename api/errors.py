@@ -68,7 +68,7 @@ def error_body(error: Exception) -> tuple[dict, int, list[tuple[str, str]]]:
         current_app.logger.warning("redis unavailable: %s", error)
         error = UnavailableError("the job store (Redis) does not answer; try again shortly")
     if isinstance(error, OverloadedError):
-        return error.to_dict(), error.status, [("Retry-After", str(error.retry_after_s))]
+        return error.to_dict(), error.status, error.headers
     if isinstance(error, UnauthorizedError):  # RFC 6750: say which scheme the key goes in
         return error.to_dict(), error.status, [("WWW-Authenticate", 'Bearer realm="llm-stream-server"')]
     if isinstance(error, ServiceError):

@@ -17,12 +17,22 @@ the same.
 from __future__ import annotations
 
 import json
+import selectors
+import socket
+import time
+from collections import deque
 
 from gunicorn import util
 from gunicorn.workers.gthread import ThreadWorker
 from werkzeug.http import HTTP_STATUS_CODES
 
 from api.errors import snake_case
+
+LINGER_S = 2.0
+"""How long a closing connection's client may take to close its side (gunicorn's own close waits as long)."""
+
+LINGER_MAX_BYTES = 65536
+"""Unread bytes drained from a closing connection before it is closed all the same (gunicorn's cap)."""
 
 MAX_DETAIL_CHARS = 200
 """A rejected request line or header is quoted in the message up to this many characters."""
@@ -50,7 +60,57 @@ class _ErrorCapture:
 
 
 class JsonErrorWorker(ThreadWorker):
-    """gunicorn's gthread worker whose own error answers are JSON."""
+    """gunicorn's gthread worker whose own error answers are JSON and whose closes never block its main loop."""
+
+    def init_process(self):
+        self.lingering: deque[tuple[float, socket.socket]] = deque()  # closing connections, by deadline
+        super().init_process()
+
+    def finish_request(self, conn, fs):
+        """As gunicorn's, except that a connection that ends lingers on the poller (`linger`)."""
+        if fs.cancelled() or fs.exception() is not None or fs.result() is not False:
+            return super().finish_request(conn, fs)  # kept alive, deferred, or failed (closed at once)
+        self.nr_conns -= 1
+        self.linger(conn.sock)
+
+    def linger(self, sock: socket.socket) -> None:
+        """Close `sock` as RFC 9112 (9.6) asks: FIN now, then drain what the client still sends until it closes
+        (`drain`, called by the poller) or LINGER_S passes (`murder_keepalived`)."""
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            sock.setblocking(False)
+            self.poller.register(sock, selectors.EVENT_READ, self.drain)
+        except (OSError, ValueError, KeyError):
+            util.close(sock)
+            return
+        self.lingering.append((time.monotonic() + LINGER_S, sock))
+
+    def drain(self, sock: socket.socket) -> None:
+        try:
+            data = sock.recv(LINGER_MAX_BYTES)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data or len(data) >= LINGER_MAX_BYTES:  # the client closed (or will not stop sending)
+            self.end_linger(sock)
+
+    def end_linger(self, sock: socket.socket) -> None:
+        if sock.fileno() == -1:
+            return  # closed already
+        try:
+            self.poller.unregister(sock)
+        except (OSError, KeyError, ValueError):
+            pass
+        util.close(sock)
+
+    def murder_keepalived(self, force=False):
+        """gunicorn's sweep of expired kept-alive connections (every turn of the main loop), and of closing
+        connections whose client has not closed within LINGER_S."""
+        super().murder_keepalived(force)
+        now = time.monotonic()
+        while self.lingering and (force or self.lingering[0][0] <= now):
+            self.end_linger(self.lingering.popleft()[1])
 
     def handle_error(self, req, client, addr, exc):
         capture = _ErrorCapture(client)

@@ -44,14 +44,21 @@ class NoWorkerError(ServiceError):
 
 class OverloadedError(ServiceError):
     """Too much work is waiting (the pool's admission bound, or a key's concurrent-request limit): come back
-    after `retry_after_s` seconds, sent as the `Retry-After` header."""
+    after `retry_after_s` seconds (at least 1), sent as the `Retry-After` header in whole seconds and as
+    `Retry-After-Ms` in milliseconds, which OpenAI's and Anthropic's clients read first: whole seconds alone
+    would bring a crowd refused together back together, second after second, however scattered."""
 
     status = 429
     error_type = "overloaded"
 
-    def __init__(self, message: str, *, retry_after_s: int, field: str | None = None):
+    def __init__(self, message: str, *, retry_after_s: float, field: str | None = None):
         super().__init__(message, field=field)
-        self.retry_after_s = max(1, int(retry_after_s))
+        self.retry_after_s = max(1.0, float(retry_after_s))
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        return [("Retry-After", str(max(1, round(self.retry_after_s)))),
+                ("Retry-After-Ms", str(round(1000 * self.retry_after_s)))]
 
 
 class UnauthorizedError(ServiceError):

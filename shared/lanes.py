@@ -6,11 +6,12 @@ items, offline work), and takes from them in that order whenever it has room for
 and the rows of beam and scoring jobs may hold only part of a worker's slots together (the batch lane's
 slots), so an interactive request always finds one free within a step.
 
-Workers advertise their room per lane in their RQ worker hash (`LANE_SLOTS_FIELD`) and log every job they end
-(`finished_key`), so the API can bound each lane's waiting work and tell a refused client when to come back
-(`api/jobs/admission.py`). A worker registers while it still loads its model, in the state `starting`: it
-counts for routing and the bound (its slots are known from its settings), so requests for its pool wait in the
-queue instead of being refused, but it takes no job until it is loaded.
+Workers advertise their room per lane in their RQ worker hash (`LANE_SLOTS_FIELD`), when they expect their
+running jobs to end (`ENDINGS_FIELD`), and log every job they end (`finished_key`), so the API can bound each
+lane's waiting work and tell a refused client when to come back (`api/jobs/admission.py`). A worker
+registers while it still loads its model, in the state `starting`: it counts for routing and the bound (its
+slots are known from its settings), so requests for its pool wait in the queue instead of being refused, but it
+takes no job until it is loaded.
 """
 
 from __future__ import annotations
@@ -41,6 +42,18 @@ LANES = (Lane.INTERACTIVE, Lane.SIDE, Lane.BATCH)
 
 LANE_SLOTS_FIELD = "llm_lane_slots"
 """Field of a worker's RQ hash: JSON `{lane: jobs it runs at once}`, written when it registers."""
+
+ENDINGS_FIELD = "llm_endings"
+"""Field of a worker's RQ hash: JSON `{"at": unix time, "jobs": {job id: seconds}}`, when it expected (at `at`)
+each of its running interactive jobs to end: the steps each has left at most (its max_tokens) times the recent
+step time. Rewritten a few times a second while it works (`ENDINGS_EVERY_S`), and empty when its batch empties.
+Keyed by job so that a reader matches it against RQ's started registry, which changes before it does."""
+
+ENDINGS_EVERY_S = 0.25
+"""How often a working worker rewrites its `ENDINGS_FIELD`."""
+
+ENDINGS_STALE_S = 5.0
+"""Endings written longer ago than this (a worker frozen mid-batch, say) are not trusted."""
 
 STARTING = "starting"
 """The `state` of a worker's RQ hash while it loads its model (RQ's own name for a worker not yet working)."""
@@ -91,6 +104,7 @@ class PoolWorker:
 
     slots: dict[str, int]  # jobs it runs at once, per lane value
     starting: bool  # still loading its model: it counts for routing and the admission bound, takes no job yet
+    endings: dict[str, float] | None = None  # seconds from now until each of its running jobs ends, by job id
 
 
 def pool_workers(connection: redis.Redis, pool: str, fallback: dict[Lane, int] | None = None) -> list[PoolWorker]:
@@ -105,14 +119,16 @@ def pool_workers(connection: redis.Redis, pool: str, fallback: dict[Lane, int] |
 def read_pools(connection: redis.Redis, pools: list[str], fallback: dict[Lane, int] | None = None,
                reads: Callable[[Pipeline], None] | None = None) -> tuple[dict[str, list[PoolWorker]], list]:
     """The live workers of each of `pools`, and the results of the commands `reads` queues: two round trips,
-    whatever the number of pools and workers (the hot path of every admission and /health)."""
-    with connection.pipeline(transaction=False) as pipe:
+    whatever the number of pools and workers (the hot path of every admission and /health). The second is one
+    transaction, so counts read together agree (a job moving from a queue to its started registry between two
+    reads would count twice)."""
+    with connection.pipeline(transaction=True) as pipe:
         for pool in pools:
             pipe.smembers(worker_registration.WORKERS_BY_QUEUE_KEY % pool)
         keys = [sorted(members) for members in pipe.execute()]
         for pool_keys in keys:
             for key in pool_keys:
-                pipe.hmget(key, "state", "birth", LANE_SLOTS_FIELD)
+                pipe.hmget(key, "state", "birth", LANE_SLOTS_FIELD, ENDINGS_FIELD)
         if reads is not None:
             reads(pipe)
         rows = iter(pipe.execute())
@@ -122,13 +138,31 @@ def read_pools(connection: redis.Redis, pools: list[str], fallback: dict[Lane, i
 
 
 def parse_worker(row: list, fallback: dict[Lane, int] | None) -> PoolWorker | None:
-    """A worker from its hash's state, birth and advertised slots; None when it has expired or died."""
-    state, birth, slots = row
+    """A worker from its hash's state, birth, advertised slots and endings; None when it has expired or died."""
+    state, birth, slots, endings = row
     state = state.decode() if isinstance(state, bytes) else state
     if birth is None or state == "dead":  # expired (hash gone) or marked dead
         return None
     advertised = json.loads(slots) if slots else {lane.value: n for lane, n in (fallback or {}).items()}
-    return PoolWorker({lane: int(n) for lane, n in advertised.items()}, starting=state == STARTING)
+    return PoolWorker({lane: int(n) for lane, n in advertised.items()}, starting=state == STARTING,
+                      endings=endings_from(endings))
+
+
+def endings_from(field: bytes | str | None, clock: float | None = None) -> dict[str, float] | None:
+    """Seconds from now until each job ends, by job id, from an `ENDINGS_FIELD` written some time ago; None when
+    there is none, or when it is stale (a worker frozen mid-batch: its jobs are not ending as it said)."""
+    if not field:
+        return None
+    advertised = json.loads(field)
+    age = (time.time() if clock is None else clock) - advertised["at"]
+    if advertised["jobs"] and age > ENDINGS_STALE_S:  # (an idle worker's empty record stays true)
+        return None
+    return {job_id: max(0.0, seconds - max(age, 0.0)) for job_id, seconds in advertised["jobs"].items()}
+
+
+def endings_field(jobs: dict[str, float]) -> str:
+    """The `ENDINGS_FIELD` value for jobs expected to end in so many seconds from now."""
+    return json.dumps({"at": round(time.time(), 3), "jobs": {job_id: round(s, 3) for job_id, s in jobs.items()}})
 
 
 def record_finished(pipe: Pipeline, queue: str, job_id: str) -> None:

@@ -64,7 +64,7 @@ class Settings:
     max_recoveries: int = 2  # times a job whose worker died is resumed on another before it fails
     drain_s: float = 30.0  # on SIGTERM a worker finishes its jobs for this long, then hands the rest back
     max_queued: int = 0  # jobs a pool's lane may hold waiting beyond its free slots; 0: MAX_QUEUE_WAIT_S's worth
-    max_queue_wait_s: float = 2.0  # with MAX_QUEUED 0: admit what the lane's recent rate starts within this
+    max_queue_wait_s: float = 1.0  # with MAX_QUEUED 0: admit what the lane's workers start within this
     max_queued_batch: int = 1024  # /generate_batch items a pool may hold waiting (batches are meant to wait)
     queue_deadline_s: float = 60.0  # a job that waited this long in its queue fails instead of starting; 0: never
     batch_lane_slots: int = 0  # slots batch items, beam and scoring rows may hold; 0: 3/4 of MAX_BATCH_SIZE

@@ -4,6 +4,7 @@ Procfile starts it (deploy/gunicorn.conf.py, api/server.py), answering over real
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 import requests
@@ -75,3 +76,27 @@ def test_a_malformed_request_is_a_400_json_error(tiny_service, request_bytes):
 def test_the_server_goes_on_serving_after_refusing(tiny_service):
     requests.get(tiny_service.url("/jobs/" + "a" * 10_000), timeout=10)
     assert requests.get(tiny_service.url("/health"), timeout=10).json()["workers"]["cpu"] == 1
+
+
+def test_clients_that_keep_their_socket_open_after_the_answer_do_not_stall_the_server(tiny_service):
+    """A connection that does not stay alive is closed gracefully (FIN, then the server waits for the client's
+    close); gunicorn's own worker waits on its main loop, up to 2 s per connection, answering nobody meanwhile.
+    Six HTTP/1.0 clients in turn, each holding its socket open after reading its whole answer, stalled both
+    processes for about 4 s; here every answer arrives at once, and each still ends with the server's FIN."""
+    address = ("127.0.0.1", int(tiny_service.base_url.rsplit(":", 1)[1]))
+    holding, waits = [], []
+    try:
+        for _ in range(6):
+            sock = socket.create_connection(address, timeout=10)
+            holding.append(sock)
+            sent = time.perf_counter()
+            sock.sendall(b"GET /health HTTP/1.0\r\nHost: x\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(65536):  # to the server's FIN: the answer is whole, the socket stays open
+                answer += chunk
+            waits.append(time.perf_counter() - sent)
+            assert answer.startswith(b"HTTP/1.0 200 OK") and b'"workers"' in answer, answer[:400]
+    finally:
+        for sock in holding:
+            sock.close()
+    assert max(waits) < 1.0, f"answers took {[round(w, 2) for w in waits]} s"

@@ -46,7 +46,7 @@ def test_a_worker_counts_as_starting_while_it_loads_and_takes_its_first_job_once
     worker = make_worker(connection, tiny_weights, worker_class=WatchedLoad, max_batch_size=8, compile_decode=False)
     worker.during_load = look
     worker.work(burst=True)
-    assert seen == {"workers": [PoolWorker({"interactive": 8, "side": 2, "batch": 6}, starting=True)],
+    assert seen == {"workers": [PoolWorker({"interactive": 8, "side": 2, "batch": 6}, starting=True, endings={})],
                     "rq state": "starting",  # what `rq info` and rq-dashboard show
                     "job": JobStatus.QUEUED}  # not taken before the model was loaded
     assert read_backlog(connection, job_id)[-1].type == "done"

@@ -22,8 +22,10 @@ import json
 import logging
 import os
 import signal
+import statistics
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -40,7 +42,19 @@ from rq.worker import SimpleWorker, WorkerStatus
 from shared import logs
 from shared.events import Event, cancel_key, publish_many, read_backlog
 from shared.exceptions import ConfigurationError, ServiceError, ValidationError
-from shared.lanes import LANE_SLOTS_FIELD, LANES, STARTING, Lane, lane_of, lane_slots, queue_name, record_finished
+from shared.lanes import (
+    ENDINGS_EVERY_S,
+    ENDINGS_FIELD,
+    LANE_SLOTS_FIELD,
+    LANES,
+    STARTING,
+    Lane,
+    endings_field,
+    lane_of,
+    lane_slots,
+    queue_name,
+    record_finished,
+)
 from shared.model_files import force_offline
 from shared.protocol import DoneEvent, ErrorBody, GenerationJob, JobEvent, TokenEvent, Usage
 from shared.recovery import forget_executions
@@ -56,6 +70,10 @@ from workers.liveness import Liveness
 from workers.metrics import MeteredEngine, MeteredPublisher, WorkerMetrics
 
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+
+STEP_TIMES_KEPT = 64
+"""Recent engine steps whose mean is the step time `advertise_endings` counts with: a mean, prefills and slow
+steps included, since the steps to come will have their share of them (a median was 40% short)."""
 
 REDIS_RETRY_MAX_S = 2.0
 """Longest wait between two tries to reach Redis while it is gone, so a worker serves within seconds of its return."""
@@ -109,6 +127,9 @@ class BatchingWorker(SimpleWorker):
         self.draining_since: float | None = None  # monotonic time of the SIGTERM that started a drain
         self.hand_back_now = False  # a second signal: hand the running jobs back without waiting
         self.metrics = WorkerMetrics()  # pushed to Redis by the liveness thread (workers/metrics.py)
+        self.step_times: deque[float] = deque(maxlen=STEP_TIMES_KEPT)  # recent steps' seconds (`advertise_endings`)
+        self.last_step_at: float | None = None  # when this batch's previous step started
+        self.endings_written = (0.0, 0)  # when the endings were last advertised, and for how many running jobs
 
     def listen_to_lanes(self) -> None:
         """`rq worker cpu` listens on every lane of pool `cpu` (shared/lanes.py), interactive work first."""
@@ -213,7 +234,7 @@ class BatchingWorker(SimpleWorker):
             raise ValueError(f"There exists an active worker named {self.name!r} already")  # as RQ's own check
         self.birth_date = self.last_heartbeat = now()
         slots = {lane.value: n for lane, n in self.lane_slots().items()}
-        record = {**self.serialize(), LANE_SLOTS_FIELD: json.dumps(slots)}
+        record = {**self.serialize(), LANE_SLOTS_FIELD: json.dumps(slots), ENDINGS_FIELD: endings_field({})}
         if self.engine is None:
             record["state"] = STARTING
         with self.connection.pipeline() as pipe:
@@ -239,6 +260,7 @@ class BatchingWorker(SimpleWorker):
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         """Run `job` and every job that joins it until the batch is empty."""
+        self.last_step_at = None  # (the time since the last batch's steps is idle, not a step)
         self.admit(job, queue, from_intermediate=len(self._ordered_queues) == 1)
         try:
             while self.engine.has_work:
@@ -250,6 +272,7 @@ class BatchingWorker(SimpleWorker):
                 self.check_cancellations()
                 if self.engine.has_work:
                     self.step_engine()
+                self.advertise_endings()
         except REDIS_DOWN as exc:  # nothing can be published now: leave the jobs to recovery, wait, serve on
             self.log.error("Worker %s: Redis stopped answering mid-batch (%s); %d running jobs are left to "
                            "recovery", self.name, exc, len(self.running))
@@ -264,12 +287,32 @@ class BatchingWorker(SimpleWorker):
                 self.fail(entry, "internal_error", "the worker failed while generating", sys.exc_info())
             self.engine = self.engine_for(self.engine.decoder)  # the model stays loaded
         finally:
+            with contextlib.suppress(*REDIS_DOWN):
+                self.advertise_endings()  # nothing runs now (or it was left to recovery)
             self.set_state(WorkerStatus.IDLE)
+
+    def advertise_endings(self) -> None:
+        """Tell the API's admission when each running interactive job will have ended at the latest
+        (`ENDINGS_FIELD`): the steps it has left if it runs to max_tokens, times the recent step time. Every
+        ENDINGS_EVERY_S, and at once when the number of running jobs changes."""
+        clock = time.monotonic()
+        written_at, count = self.endings_written
+        if clock - written_at < ENDINGS_EVERY_S and count == len(self.running):
+            return
+        step_s = statistics.fmean(self.step_times) if self.step_times else 0.0
+        jobs = {job_id: entry.sequence.steps_left * step_s for job_id, entry in self.running.items()
+                if entry.sequence and entry.lane is Lane.INTERACTIVE}
+        self.connection.hset(self.key, ENDINGS_FIELD, endings_field(jobs))
+        self.endings_written = (clock, len(self.running))
 
     def step_engine(self) -> None:
         """One engine step, published. The engine fails a job whose own work raised by itself (see `settle`);
         what still escapes it is the decode step's one forward pass over every running row, which no single job
         can be blamed for: the engine's jobs fail and the engine is rebuilt (the model stays loaded)."""
+        started = time.perf_counter()
+        if self.last_step_at is not None:  # a step's time is all the loop does around it: admitting, settling too
+            self.step_times.append(started - self.last_step_at)
+        self.last_step_at = started
         try:
             updates = self.engine.step()
         except Exception as exc:  # noqa: BLE001

@@ -10,7 +10,8 @@ GENERATION_ERRORS = {
          "the context (`context_length_exceeded`).",
     413: "The body is larger than 1 MiB.",
     429: "The pool is busy: the request's lane is at its admission bound (type `overloaded`). Nothing was queued; "
-         "the `Retry-After` header says in how many seconds to try again.",
+         "the `Retry-After` header says in how many seconds to try again (`Retry-After-Ms`: in milliseconds, "
+         "scattered, so that clients refused together do not come back together).",
     503: "No live worker in the pool the request needs (or Redis does not answer).",
 }
 """Error answers every generation route may give before the job starts."""

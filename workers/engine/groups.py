@@ -62,6 +62,11 @@ class RowGroup:
         self.yields = True
 
     @property
+    def steps_left(self) -> int:
+        """Decode steps its rows have left at most."""
+        return max(0, self.max_new_tokens - max((len(row.output_ids) for row in self.rows), default=0))
+
+    @property
     def reserved_tokens(self) -> int:
         """The most KV positions its rows can ever need."""
         return self.width * (len(self.prompt_ids) + self.max_new_tokens)

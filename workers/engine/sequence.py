@@ -60,6 +60,11 @@ class Sequence:
         return self.params.max_tokens
 
     @property
+    def steps_left(self) -> int:
+        """Decode steps it has left at most (it may stop sooner, at EOS or a stop sequence)."""
+        return max(0, self.params.max_tokens - len(self.output_ids))
+
+    @property
     def reserved_tokens(self) -> int:
         """The most KV positions this sequence can ever need."""
         return len(self.prompt_ids) + self.params.max_tokens
