@@ -12,7 +12,7 @@ from rq import Queue
 from api import create_app
 from api.jobs.admission import UNKNOWN_RATE_RETRY_S, lane_bound
 from shared.exceptions import OverloadedError
-from shared.lanes import LANE_SLOTS_FIELD, Lane, finished_key, queue_name
+from shared.lanes import ENDINGS_FIELD, ENDINGS_STALE_S, LANE_SLOTS_FIELD, Lane, endings_from, finished_key, queue_name
 from shared.settings import Settings
 from tests.fixtures_jobs import queued_jobs
 
@@ -28,6 +28,14 @@ def busy_app(app_config):
 def advertise(redis_client, worker, **slots) -> None:
     """What a batching worker writes when it registers: its slots per lane."""
     redis_client.hset(worker.key, LANE_SLOTS_FIELD, json.dumps(slots))
+
+
+def run_jobs(redis_client, worker, endings: dict[str, float], also_running: tuple[str, ...] = ()) -> None:
+    """Jobs running on `worker` (RQ's started registry), and when it says each of `endings` will end."""
+    started = f"rq:wip:{queue_name('cpu', Lane.INTERACTIVE)}"
+    for job_id in [*endings, *also_running]:
+        redis_client.zadd(started, {f"{job_id}:exec": time.time() + 60})
+    redis_client.hset(worker.key, ENDINGS_FIELD, json.dumps({"at": time.time(), "jobs": endings}))
 
 
 def end_jobs(redis_client, ends: list[float], queue: str = "cpu") -> None:
@@ -107,6 +115,33 @@ def test_the_bound_comes_from_live_workers_slots_and_the_lanes_recent_rate(redis
     # 5 jobs past the bound take 2.5 s at 2 jobs/s; then the cap
     assert warm.retry_after_s(warm.bound, 5) == 2.5 and warm.retry_after_s(warm.bound, 1000) == 60
     assert lane_bound(redis_client, "cpu", Lane.BATCH, settings).bound == 24 + settings.max_queued_batch
+
+
+def test_the_interactive_bound_admits_what_the_workers_start_within_the_wait(redis_client, live_worker):
+    """Jobs that started together end together: a lane's average rate would admit requests that then wait a whole
+    generation, so the bound counts the running jobs their workers say end within MAX_QUEUE_WAIT_S instead."""
+    worker = live_worker("cpu")
+    advertise(redis_client, worker, interactive=4, side=2, batch=3)
+    end_jobs(redis_client, [time.time() - i for i in range(60)])  # 1 job/s: the rate alone would allow 2 waiting
+    run_jobs(redis_client, worker, {"a": 0.4, "b": 1.5, "c": 7.0}, also_running=("d",))  # d: not advertised yet
+    settings = Settings(max_queue_wait_s=2)
+    limit = lane_bound(redis_client, "cpu", Lane.INTERACTIVE, settings)
+    assert (limit.capacity, limit.held, limit.bound) == (4, 4, 4 + 2)  # a and b end within 2 s
+    # The next request would be 3rd in the queue, after the jobs waiting for a's and b's slots: c's slot, in 7 s.
+    assert limit.retry_after_s(held=6, asked=1) == pytest.approx(7.0 - 2, abs=0.1)
+    # d started after its worker last wrote its endings: it counts as ending last, so no Retry-After is built on it.
+    assert limit.retry_after_s(held=7, asked=1) == pytest.approx(2.0)  # (past what the endings tell: the rate's)
+    # Jobs that ended (gone from the registry) before their worker wrote again do not count.
+    redis_client.zrem(f"rq:wip:{queue_name('cpu', Lane.INTERACTIVE)}", "a:exec")
+    assert lane_bound(redis_client, "cpu", Lane.INTERACTIVE, settings).bound == 4 + 1
+
+
+def test_endings_age_with_their_record_and_a_stale_one_is_not_trusted():
+    record = json.dumps({"at": 1000.0, "jobs": {"a": 3.0, "b": 0.5}})
+    assert endings_from(record, clock=1001.0) == {"a": 2.0, "b": 0.0}
+    assert endings_from(record, clock=1000.0 + ENDINGS_STALE_S + 1) is None  # a worker frozen mid-batch
+    idle = json.dumps({"at": 1000.0, "jobs": {}})
+    assert endings_from(idle, clock=1000.0 + 3600) == {}  # an idle worker's record stays true
 
 
 def test_a_refused_crowd_is_told_scattered_times(busy_app, redis_client, live_worker):

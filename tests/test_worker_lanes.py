@@ -4,6 +4,7 @@ batch without blocking it, the queue deadline, and what a worker tells the API (
 from __future__ import annotations
 
 import json
+import statistics
 import uuid
 from datetime import timedelta
 
@@ -16,7 +17,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import now
 
 from shared.events import read_backlog
-from shared.lanes import LANE_SLOTS_FIELD, Lane, finished_key, queue_name
+from shared.lanes import ENDINGS_FIELD, LANE_SLOTS_FIELD, Lane, finished_key, queue_name
 from shared.protocol import JOB_FUNCTION, BeamOptions, GenerationJob, JobKind
 from shared.sampling import SamplingParams
 from shared.settings import Settings
@@ -138,3 +139,34 @@ def test_every_job_that_held_a_slot_counts_in_its_lanes_recent_throughput(connec
     assert {m.decode() for m in connection.zrange(finished_key("cpu"), 0, -1)} == set(done)
     # The job that timed out in the queue never started: it freed no slot, so it is not throughput.
     assert {m.decode() for m in connection.zrange(finished_key("cpu:batch"), 0, -1)} == {batch}
+
+
+class EndingsWatcher(CPUWorker):
+    """Keeps what it advertised as its jobs' endings each time, beside what it was running then."""
+
+    seen: list = []
+
+    def advertise_endings(self) -> None:
+        super().advertise_endings()
+        steps = {job_id: entry.sequence.steps_left for job_id, entry in self.running.items() if entry.sequence}
+        mean_step = statistics.fmean(self.step_times) if self.step_times else 0.0
+        self.seen.append((json.loads(self.connection.hget(self.key, ENDINGS_FIELD))["jobs"], steps, mean_step))
+
+
+def test_a_worker_advertises_when_each_running_interactive_job_ends(connection, tiny_weights, monkeypatch):
+    monkeypatch.setattr("workers.batching.ENDINGS_EVERY_S", 0.0)  # every turn of the loop, to see each one
+    short = enqueue(connection, tiny_weights, "Short", max_tokens=4, temperature=0)
+    long = enqueue(connection, tiny_weights, "Long", max_tokens=12, temperature=0)
+    batch = enqueue(connection, tiny_weights, "A batch prompt", Lane.BATCH, max_tokens=12, temperature=0)
+    EndingsWatcher.seen = []
+    make_worker(connection, tiny_weights, EndingsWatcher).work(burst=True)
+    seen = EndingsWatcher.seen
+    both = [(jobs, steps, mean) for jobs, steps, mean in seen if set(jobs) == {short, long}]
+    assert both, "the two interactive jobs never ran together"
+    for jobs, steps, mean in both:
+        assert batch in steps  # it ran beside them, but the interactive lane does not wait for batch items
+        # Each job: the steps it has left (to its max_tokens) times the loop's mean step time.
+        assert jobs == {job_id: pytest.approx(steps[job_id] * mean, abs=1e-3) for job_id in (short, long)}
+        assert jobs[long] > jobs[short] or mean == 0
+    assert any(mean > 0 for _, _, mean in both)
+    assert seen[-1][0] == {}  # its batch emptied: every slot is free
