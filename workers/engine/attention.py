@@ -1,9 +1,10 @@
 """Attention over the slot KV cache: one function for eager forward passes, one for the compiled decode step.
 
 `chunk_attention` serves prefill chunks and eager decode steps (any number of new tokens per row) with
-SDPA, one call per block of rows: the whole batch under one causal mask, or, where results must not depend
-on the batch (the INT8 decoder), each row alone over exactly its own keys. `decode_attention` serves the
-compiled decode step (one new token per row) as plain reductions the compiler fuses.
+SDPA, one call per block: the whole batch under one causal mask, or, where results must not depend on the
+batch nor on how a prompt is cut into chunks (the INT8 decoder), each row alone, its queries in blocks of
+QUERY_BLOCK positions over exactly the keys they see. `decode_attention` serves the compiled decode step (one
+new token per row) as plain reductions the compiler fuses.
 """
 
 from __future__ import annotations
@@ -13,15 +14,23 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+QUERY_BLOCK = 16
+"""With exact rows, a row's queries attend in blocks of this many positions, aligned on multiples of it (the
+last block of a pass may be shorter). SDPA's result for a query depends on how many queries share its call:
+prefilled whole or in two chunks, a 300-token prompt's logits differed by up to 0.8, and the argmax with them,
+since INT8 activations amplify the kernel's rounding. At fixed positions, every way of cutting a prompt at
+multiples of QUERY_BLOCK (chunked prefill, a prefix whose KV is kept) computes the same blocks, bit for bit."""
+
 
 @dataclass(frozen=True, slots=True)
 class Block:
-    """Rows that attend in one SDPA call: their first `queries` queries over their first `keys` keys."""
+    """Rows that attend in one SDPA call: `queries` queries from the `first` over their first `keys` keys."""
 
     rows: slice
     queries: int
     keys: int
     mask: torch.Tensor | None  # [rows, 1, queries, keys] additive, in the queries' dtype; None: all visible
+    first: int = 0
 
 
 def causal_mask(starts: list[int], steps: int, device, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
@@ -40,7 +49,8 @@ def causal_mask(starts: list[int], steps: int, device, dtype: torch.dtype = torc
 
 def attention_blocks(starts: list[int], lengths: list[int], steps: int, exact_rows: bool, device,
                      dtype: torch.dtype = torch.float32) -> list[Block]:
-    """How the rows of a forward pass attend: all together under one mask, or (`exact_rows`) each alone.
+    """How the rows of a forward pass attend: all together under one mask, or (`exact_rows`) each alone, in
+    blocks of queries at fixed positions (QUERY_BLOCK).
 
     Row b holds `lengths[b]` real tokens from position `starts[b]`. Alone, a row attends over exactly its
     own keys: padding them to the batch's longest changes the kernel's summation order, and INT8
@@ -48,22 +58,30 @@ def attention_blocks(starts: list[int], lengths: list[int], steps: int, exact_ro
     """
     if not exact_rows:
         return [Block(slice(0, len(starts)), steps, max(starts) + steps, causal_mask(starts, steps, device, dtype))]
-    return [Block(slice(row, row + 1), n, start + n, causal_mask([start], n, device, dtype))
-            for row, (start, n) in enumerate(zip(starts, lengths))]
+    blocks = []
+    for row, (start, count) in enumerate(zip(starts, lengths)):
+        first = 0
+        while first < count:
+            position = start + first
+            end = min(count, (position // QUERY_BLOCK + 1) * QUERY_BLOCK - start)  # to the next multiple
+            blocks.append(Block(slice(row, row + 1), end - first, start + end,
+                                causal_mask([position], end - first, device, dtype), first))
+            first = end
+    return blocks
 
 
 def chunk_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, blocks: list[Block]) -> torch.Tensor:
-    """Attention of each row's new queries over its cached keys, one SDPA call per block of rows."""
+    """Attention of each row's new queries over its cached keys, one SDPA call per block."""
     # q: [B, heads, T, head_dim]; keys/values: [B, kv_heads, length, head_dim]
-    outs = [F.scaled_dot_product_attention(q[block.rows, :, : block.queries], keys[block.rows, :, : block.keys],
-                                           values[block.rows, :, : block.keys], attn_mask=block.mask,
-                                           enable_gqa=True)
+    outs = [F.scaled_dot_product_attention(q[block.rows, :, block.first: block.first + block.queries],
+                                           keys[block.rows, :, : block.keys], values[block.rows, :, : block.keys],
+                                           attn_mask=block.mask, enable_gqa=True)
             for block in blocks]
-    if all(out.shape[2] == q.shape[2] for out in outs):
+    if all(block.first == 0 and out.shape[2] == q.shape[2] for block, out in zip(blocks, outs)):
         return outs[0] if len(outs) == 1 else torch.cat(outs)
     out = q.new_zeros(q.shape)  # padded prefill: rows shorter than T leave zeros (their outputs are unused)
     for block, rows in zip(blocks, outs):
-        out[block.rows, :, : block.queries] = rows
+        out[block.rows, :, block.first: block.first + block.queries] = rows
     return out
 
 
