@@ -153,11 +153,15 @@ def endings_from(field: bytes | str | None, clock: float | None = None) -> dict[
     there is none, or when it is stale (a worker frozen mid-batch: its jobs are not ending as it said)."""
     if not field:
         return None
-    advertised = json.loads(field)
-    age = (time.time() if clock is None else clock) - advertised["at"]
-    if advertised["jobs"] and age > ENDINGS_STALE_S:  # (an idle worker's empty record stays true)
+    try:
+        advertised = json.loads(field)
+        age = (time.time() if clock is None else clock) - float(advertised["at"])
+        jobs = {str(job_id): float(seconds) for job_id, seconds in advertised["jobs"].items()}
+    except (ValueError, TypeError, KeyError, AttributeError):  # another release's format: count it as none
         return None
-    return {job_id: max(0.0, seconds - max(age, 0.0)) for job_id, seconds in advertised["jobs"].items()}
+    if jobs and age > ENDINGS_STALE_S:  # (an idle worker's empty record stays true)
+        return None
+    return {job_id: max(0.0, seconds - max(age, 0.0)) for job_id, seconds in jobs.items()}
 
 
 def endings_field(jobs: dict[str, float]) -> str:

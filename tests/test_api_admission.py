@@ -142,6 +142,8 @@ def test_endings_age_with_their_record_and_a_stale_one_is_not_trusted():
     assert endings_from(record, clock=1000.0 + ENDINGS_STALE_S + 1) is None  # a worker frozen mid-batch
     idle = json.dumps({"at": 1000.0, "jobs": {}})
     assert endings_from(idle, clock=1000.0 + 3600) == {}  # an idle worker's record stays true
+    for other in ('{"at": 1000.0, "s": [1.0]}', "[1, 2]", "not json"):  # another release's: as if none
+        assert endings_from(other, clock=1001.0) is None
 
 
 def test_a_refused_crowd_is_told_scattered_times(busy_app, redis_client, live_worker):
