@@ -131,7 +131,8 @@ def running_endings(started: list[bytes], advertised: list[dict[str, float]]) ->
     """Seconds until each job of RQ's started registry (`job id:execution id` entries) ends, soonest first, from
     what the workers advertise. A job its worker has not advertised yet has only just started: it ends last."""
     by_job = {job_id: seconds for jobs in advertised for job_id, seconds in jobs.items()}
-    return tuple(sorted(by_job.get(entry.decode().split(":", 1)[0], math.inf) for entry in started))
+    ids = [(entry.decode() if isinstance(entry, bytes) else entry).split(":", 1)[0] for entry in started]
+    return tuple(sorted(by_job.get(job_id, math.inf) for job_id in ids))
 
 
 def started_key(connection: redis.Redis, queue: str) -> str:
